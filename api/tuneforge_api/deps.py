@@ -1,0 +1,63 @@
+"""FastAPI dependencies, as ``Annotated`` aliases for the route signatures."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from tuneforge_api.errors import ApiError
+from tuneforge_api.services import Services
+from tuneforge_api.store import projects
+from tuneforge_api.store.ids import hash_secret
+from tuneforge_api.store.projects import Principal
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+async def get_session(services: ServicesDep) -> AsyncIterator[AsyncSession]:
+    async with services.sessions() as session:
+        yield session
+
+
+SessionDep = Annotated[AsyncSession, Depends(get_session)]
+
+
+def bearer_token(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "missing_api_key", "Send an API key as 'Authorization: Bearer <key>'.")
+    return token.strip()
+
+
+async def get_principal(request: Request, services: ServicesDep) -> Principal:
+    token = bearer_token(request)
+    digest = hash_secret(token)
+    principal = services.auth_cache.get(digest)
+    if principal is None:
+        async with services.sessions() as session:
+            principal = await projects.authenticate(session, token)
+        if principal is None:
+            raise ApiError(401, "invalid_api_key", "The API key is not valid.")
+        services.auth_cache.put(digest, principal)
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+async def get_admin(principal: PrincipalDep) -> Principal:
+    if not principal.is_admin:
+        raise ApiError(403, "admin_required", "This endpoint needs an admin key.")
+    return principal
+
+
+AdminDep = Annotated[Principal, Depends(get_admin)]

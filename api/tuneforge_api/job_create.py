@@ -1,0 +1,92 @@
+"""Checks and defaults for a new job: everything that can fail does so here, with a 4xx,
+before any row is written or any GPU is asked for."""
+
+from __future__ import annotations
+
+import secrets
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from tuneforge.types import Job, JobCreate, JobStatus, MethodType
+from tuneforge_api import hyperparams
+from tuneforge_api.db.tables import FileRow
+from tuneforge_api.errors import ApiError
+from tuneforge_api.services import Services
+from tuneforge_api.store import files, jobs
+from tuneforge_api.store.ids import new_id, now
+from tuneforge_api.store.projects import Principal
+
+# Methods the trainer implements; the others are refused at create time, not in the pod.
+SUPPORTED_METHODS = {MethodType.supervised}
+FORMATS_BY_METHOD = {MethodType.supervised: {"chat", "prompt_completion"}}
+
+
+async def _usable_file(
+    session: AsyncSession, principal: Principal, file_id: str, param: str, method: MethodType
+) -> FileRow:
+    row = await files.get_row(session, principal.project_id, file_id)
+    if row is None:
+        raise ApiError(400, "file_not_found", f"No file found with id {file_id!r}.", param=param)
+    if row.purpose != "fine-tune" or row.status != "processed":
+        raise ApiError(
+            400, "invalid_file", f"File {file_id!r} is not a processed fine-tune file.", param=param
+        )
+    if row.data_format not in FORMATS_BY_METHOD.get(method, set()):
+        raise ApiError(
+            400,
+            "invalid_file_format",
+            f"File {file_id!r} holds {row.data_format} records, which a {method.value} job cannot use.",
+            param=param,
+        )
+    return row
+
+
+async def create_job(session: AsyncSession, services: Services, principal: Principal, body: JobCreate) -> Job:
+    try:
+        method = body.resolved_method()
+    except ValueError as exc:
+        raise ApiError(400, "invalid_hyperparameters", str(exc), param="hyperparameters") from exc
+    if method.type not in SUPPORTED_METHODS:
+        raise ApiError(
+            400,
+            "unsupported_method",
+            f"method {method.type.value!r} is not available yet.",
+            param="method.type",
+        )
+    if body.model not in services.base_models():
+        raise ApiError(
+            400, "model_not_found", f"Unknown base model {body.model!r}; see GET /v1/models.", param="model"
+        )
+    if body.resources.nodes > 1:
+        raise ApiError(
+            400, "invalid_resources", "Several nodes need the kubernetes executor.", param="resources.nodes"
+        )
+    training = await _usable_file(session, principal, body.training_file, "training_file", method.type)
+    if body.validation_file is not None:
+        await _usable_file(session, principal, body.validation_file, "validation_file", method.type)
+
+    resolved = hyperparams.resolve(method.params.hyperparameters, training.n_examples, method.type)
+    ts = now()
+    values = dict(
+        id=new_id("ftjob"),
+        project_id=principal.project_id,
+        created_at=ts,
+        updated_at=ts,
+        model=body.model,
+        status=JobStatus.validating_files.value,
+        training_file=body.training_file,
+        validation_file=body.validation_file,
+        method=method.with_hyperparameters(resolved).model_dump(mode="json", exclude_none=True),
+        lora=body.lora.model_dump(mode="json"),
+        quantization=body.quantization,
+        resources=body.resources.model_dump(mode="json"),
+        seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
+        suffix=body.suffix,
+        metadata_=body.metadata,
+        attempt=0,
+        max_attempts=services.settings.max_attempts,
+        cancel_requested=False,
+    )
+    job = await jobs.insert(session, values)
+    await jobs.add_event(session, job.id, f"Created fine-tuning job {job.id}")
+    return job

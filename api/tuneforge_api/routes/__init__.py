@@ -1,0 +1,1 @@
+"""Route modules: thin; the logic lives in store/ and the services."""

@@ -1,0 +1,127 @@
+"""/v1/fine_tuning/jobs: create, list, get, cancel, events, adapter."""
+
+from __future__ import annotations
+
+import tarfile
+import tempfile
+from typing import Annotated
+
+from fastapi import APIRouter, BackgroundTasks, Query
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from tuneforge.storage import MANIFEST, adapter_prefix
+from tuneforge.types import Event, Job, JobCreate, JobStatus, Page
+from tuneforge_api.db.tables import JobRow
+from tuneforge_api.deps import PrincipalDep, ServicesDep, SessionDep
+from tuneforge_api.errors import ApiError, not_found
+from tuneforge_api.job_create import create_job
+from tuneforge_api.store import jobs
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+LimitQ = Annotated[int, Query(ge=1, le=100)]
+NOT_STARTED = (JobStatus.validating_files, JobStatus.queued)
+
+
+async def _row(session: SessionDep, principal: PrincipalDep, job_id: str) -> JobRow:
+    row = await jobs.get_row(session, principal.project_id, job_id)
+    if row is None:
+        raise not_found("job", job_id, "fine_tuning_job_id")
+    return row
+
+
+@router.post("", response_model=Job)
+async def create(
+    body: JobCreate,
+    principal: PrincipalDep,
+    session: SessionDep,
+    services: ServicesDep,
+    background: BackgroundTasks,
+) -> Job:
+    job = await create_job(session, services, principal, body)
+    await session.commit()
+    # After the response: the job is committed, and a lost enqueue is repaired by reconcile.
+    background.add_task(services.queue.enqueue, "submit_job", job.id)
+    return job
+
+
+@router.get("", response_model=Page[Job])
+async def list_jobs(
+    principal: PrincipalDep, session: SessionDep, after: str | None = None, limit: LimitQ = 20
+) -> Page[Job]:
+    return await jobs.list_page(session, principal.project_id, after=after, limit=limit)
+
+
+@router.get("/{job_id}", response_model=Job)
+async def get_job(job_id: str, principal: PrincipalDep, session: SessionDep) -> Job:
+    return jobs.to_model(await _row(session, principal, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=Job)
+async def cancel(job_id: str, principal: PrincipalDep, session: SessionDep, services: ServicesDep) -> Job:
+    row = await _row(session, principal, job_id)
+    status = JobStatus(row.status)
+    if status == JobStatus.cancelled:
+        return jobs.to_model(row)
+    if status.is_finished():
+        raise ApiError(400, "job_not_cancellable", f"Job {job_id} already {status.value}.")
+    # Not started yet: nothing runs, so cancel at once. Running: the scheduler stops the trainer.
+    if await jobs.transition(session, job_id, NOT_STARTED, JobStatus.cancelled):
+        await jobs.add_event(session, job_id, "Job cancelled before it started")
+    elif not row.cancel_requested:
+        await jobs.update_fields(session, job_id, cancel_requested=True)
+        await jobs.add_event(session, job_id, "Cancellation requested; stopping the trainer")
+    await session.commit()
+    await services.queue.enqueue("cancel_job", job_id)
+    await session.refresh(row)
+    return jobs.to_model(row)
+
+
+@router.get("/{job_id}/events", response_model=Page[Event])
+async def list_events(
+    job_id: str, principal: PrincipalDep, session: SessionDep, after: str | None = None, limit: LimitQ = 20
+) -> Page[Event]:
+    await _row(session, principal, job_id)
+    return await jobs.events_page(session, job_id, after=after, limit=limit)
+
+
+@router.get("/{job_id}/adapter")
+async def download_adapter(
+    job_id: str, principal: PrincipalDep, session: SessionDep, services: ServicesDep
+) -> StreamingResponse:
+    row = await _row(session, principal, job_id)
+    prefix = adapter_prefix(principal.project_id, job_id)
+    storage = services.storage
+    # An adapter without its manifest does not exist (DESIGN.md, storage layout).
+    if row.status != JobStatus.succeeded.value or not await run_in_threadpool(
+        storage.exists, prefix + MANIFEST
+    ):
+        raise ApiError(404, "adapter_not_found", f"Job {job_id} has no adapter; it is {row.status}.")
+
+    def build_archive():
+        tmp = tempfile.SpooledTemporaryFile(max_size=8 << 20)
+        with tarfile.open(fileobj=tmp, mode="w") as tar:
+            for key in storage.list(prefix):
+                info = tarfile.TarInfo(key[len(prefix) :])
+                info.size = storage.size(key)
+                with storage.open_read(key) as fh:
+                    tar.addfile(info, fh)
+        size = tmp.tell()
+        tmp.seek(0)
+        return tmp, size
+
+    archive, size = await run_in_threadpool(build_archive)
+
+    def chunks():
+        with archive:
+            while chunk := archive.read(1 << 20):
+                yield chunk
+
+    return StreamingResponse(
+        chunks(),
+        media_type="application/x-tar",
+        headers={
+            "content-length": str(size),
+            "content-disposition": f'attachment; filename="{job_id}-adapter.tar"',
+        },
+    )

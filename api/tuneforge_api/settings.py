@@ -1,0 +1,59 @@
+"""API settings: environment variables with the ``TUNEFORGE_`` prefix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PLACEHOLDER_SECRETS = {"changeme", "secret", "password", "tuneforge", ""}
+
+
+def default_home() -> Path:
+    return Path.home() / ".tuneforge"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNEFORGE_", extra="ignore")
+
+    environment: str = Field(
+        "development", description="development or production; production refuses weak secrets."
+    )
+    home: Path = Field(default_factory=default_home, description="State folder for the embedded defaults.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy async URL; default is a SQLite file in home."
+    )
+    storage_uri: str | None = Field(
+        None, description="file:///dir or s3://bucket/prefix; default is home/storage."
+    )
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for the arq queue.")
+    queue_name: str = Field(
+        "tuneforge:queue", description="arq queue name, so that services can share a Redis."
+    )
+    public_url: str = Field(
+        "http://127.0.0.1:8000", description="How trainers reach this API to report events."
+    )
+    models_dir: Path | None = Field(
+        None, description="Folder of local base models, one HF-format folder each."
+    )
+    api_key: SecretStr | None = Field(
+        None, description="Admin key of the default project, set on first start."
+    )
+    max_upload_bytes: int = Field(512 * 1024 * 1024, description="Largest accepted upload.", gt=0)
+    max_attempts: int = Field(3, description="Trainer attempts per job before it fails.", ge=1, le=20)
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_secrets(self) -> Settings:
+        if self.environment == "production" and self.api_key is not None:
+            if self.api_key.get_secret_value().lower() in PLACEHOLDER_SECRETS:
+                raise ValueError("TUNEFORGE_API_KEY is a placeholder; set a real secret in production")
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.home / 'tuneforge.db'}"
+
+    @property
+    def resolved_storage_uri(self) -> str:
+        return self.storage_uri or (self.home / "storage").resolve().as_uri()

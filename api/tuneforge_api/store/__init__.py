@@ -1,0 +1,1 @@
+"""Database access. Functions take an AsyncSession and return SDK models, never rows."""

@@ -1,0 +1,153 @@
+"""Runs each attempt as a subprocess on this machine, in its own session (process group).
+
+A run folder ``{home}/runs/{name}/`` holds spec.json, the log, the pid and, once the
+trainer ends, its exit code, written by a small shell wrapper. The folder, not this
+process's memory, is the record, so a restarted scheduler sees the same runs.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tuneforge.types import JobSpec
+from tuneforge_scheduler.executors.base import RunState, RunStatus
+
+TERM_GRACE_S = 3.0
+
+
+class LocalExecutor:
+    def __init__(self, runs_dir: Path, *, max_concurrent: int = 1, command: list[str] | None = None) -> None:
+        self.runs_dir = Path(runs_dir)
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.max_concurrent = max_concurrent
+        # The trainer entrypoint; "--spec <path>" is appended.
+        self.command = command or [sys.executable, "-m", "tuneforge_trainer"]
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+
+    def _dir(self, name: str) -> Path:
+        return self.runs_dir / name
+
+    def submit(self, name: str, spec: JobSpec, env: dict[str, str]) -> None:
+        if self.status(name).state == RunState.running:
+            return
+        run = self._dir(name)
+        run.mkdir(parents=True, exist_ok=True)
+        for stale in ("exit_code", "pid"):
+            (run / stale).unlink(missing_ok=True)
+        _write_atomic(run / "spec.json", spec.model_dump_json(indent=2))
+        trainer = shlex.join([*self.command, "--spec", str(run / "spec.json")])
+        # The wrapper records the exit code atomically; a killed wrapper records nothing ("lost").
+        script = f"{trainer} >> log.txt 2>&1; echo $? > exit_code.tmp && mv exit_code.tmp exit_code"
+        proc = subprocess.Popen(
+            ["/bin/sh", "-c", script],
+            cwd=run,
+            env={**os.environ, **env},
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self._children[name] = proc
+        # Until exec, /proc shows the parent's command line; wait so that a restarted
+        # scheduler can always recognise the run by it.
+        deadline = time.monotonic() + 5
+        while not _is_our_process(proc.pid, name) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        _write_atomic(run / "pid", str(proc.pid))
+
+    def status(self, name: str) -> RunStatus:
+        run = self._dir(name)
+        child = self._children.get(name)
+        if child is not None:
+            child.poll()  # reap, so a finished child is not a zombie that looks alive
+        code = _read_int(run / "exit_code")
+        if code is not None:
+            return RunStatus(RunState.exited, code)
+        pid = _read_int(run / "pid")
+        if pid is None:
+            return RunStatus(RunState.missing)
+        if child is not None and child.returncode is None:
+            return RunStatus(RunState.running)
+        if child is None and _is_our_process(pid, name):
+            return RunStatus(RunState.running)
+        code = _read_int(run / "exit_code")  # it may have written the code just now
+        if code is not None:
+            return RunStatus(RunState.exited, code)
+        return RunStatus(RunState.lost, detail="the trainer process ended without an exit code")
+
+    def cancel(self, name: str) -> None:
+        pid = _read_int(self._dir(name) / "pid")
+        if pid is None:
+            return
+        child = self._children.get(name)
+        if child is None and not _is_our_process(pid, name):
+            return
+        _signal_group(pid, signal.SIGTERM)
+        deadline = time.monotonic() + TERM_GRACE_S
+        while _group_alive(pid, child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _group_alive(pid, child):
+            _signal_group(pid, signal.SIGKILL)
+            while _group_alive(pid, child):
+                time.sleep(0.05)
+        self._children.pop(name, None)
+
+    def shutdown(self) -> None:
+        """Stop every run this process started; their jobs resume as new attempts later."""
+        for name in list(self._children):
+            self.cancel(name)
+
+    def log_tail(self, name: str, max_bytes: int = 4000) -> str:
+        path = self._dir(name) / "log.txt"
+        if not path.is_file():
+            return ""
+        with open(path, "rb") as fh:
+            fh.seek(max(0, path.stat().st_size - max_bytes))
+            return fh.read().decode("utf-8", "replace")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _is_our_process(pid: int, name: str) -> bool:
+    """Alive and still our wrapper: its command line names the run, so a reused pid does not count."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return name.encode() in cmdline
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(pgid: int, child: subprocess.Popen[bytes] | None) -> bool:
+    if child is not None:
+        child.poll()
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True

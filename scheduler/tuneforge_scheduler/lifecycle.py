@@ -1,0 +1,268 @@
+"""Job lifecycle: the short, idempotent steps that move a job through its states.
+
+Every step re-reads the job from the DB and changes it with a compare-and-set, so a
+step that runs twice, late or beside another (arq delivers at least once) does no harm.
+
+    validating_files --submit--> queued --submit--> running --finalize--> succeeded | failed
+            \\                       \\                 |  \\-- retriable exit --> queued (next attempt)
+             `-------- cancel -------`----------------'---> cancelled
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass, field
+
+from sqlalchemy import func, select
+from starlette.concurrency import run_in_threadpool
+
+from tuneforge.storage import MANIFEST, adapter_prefix, file_key, job_prefix
+from tuneforge.types import JobSpec, JobStatus, LoraConfigSpec, Method, Resources
+from tuneforge_api.db.tables import JobRow
+from tuneforge_api.services import Services
+from tuneforge_api.store import jobs
+from tuneforge_api.store.ids import hash_secret, new_secret
+from tuneforge_scheduler.executors import Executor, RunState, RunStatus, run_name
+
+log = logging.getLogger("tuneforge.scheduler")
+
+EXIT_OK = 0
+EXIT_NON_RETRIABLE = 42
+
+
+@dataclass
+class Scheduler:
+    services: Services
+    executor: Executor
+    # One scheduler process owns the local capacity check; Kueue does it on Kubernetes.
+    _capacity_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def submit(self, job_id: str) -> None:
+        async with self.services.sessions() as session:
+            row = await jobs.get_row_any_project(session, job_id)
+            if row is None or JobStatus(row.status).is_finished():
+                return
+            if row.cancel_requested:
+                await self._mark_cancelled(row)
+                return
+            if row.status == JobStatus.validating_files.value:
+                await self._validate_files(session, row)
+                await session.commit()
+                await session.refresh(row)
+            if row.status == JobStatus.queued.value:
+                await self._start_attempt(session, row)
+
+    async def _validate_files(self, session, row: JobRow) -> None:
+        storage = self.services.storage
+        for fid in filter(None, (row.training_file, row.validation_file)):
+            if not await run_in_threadpool(storage.exists, file_key(row.project_id, fid)):
+                error = {
+                    "code": "file_not_found",
+                    "message": f"File {fid} is gone from storage.",
+                    "param": None,
+                }
+                if await jobs.transition(
+                    session, row.id, (JobStatus.validating_files,), JobStatus.failed, error=error
+                ):
+                    await jobs.add_event(session, row.id, error["message"], level="error")
+                return
+        if await jobs.transition(session, row.id, (JobStatus.validating_files,), JobStatus.queued):
+            await jobs.add_event(session, row.id, "Files validated; job queued")
+
+    async def _start_attempt(self, session, row: JobRow) -> None:
+        async with self._capacity_lock:
+            running = await session.scalar(
+                select(func.count()).select_from(JobRow).where(JobRow.status == JobStatus.running.value)
+            )
+            if running >= self.executor.max_concurrent:
+                return  # stays queued; the reconcile loop tries again
+            attempt = row.attempt + 1
+            token = new_secret("tfjob")
+            # Commit "running" before launching: a crash in between leaves a run that is
+            # "missing", which reconcile relaunches; the other order could leave an orphan.
+            if not await jobs.transition(
+                session,
+                row.id,
+                (JobStatus.queued,),
+                JobStatus.running,
+                attempt=attempt,
+                token_hash=hash_secret(token),
+            ):
+                return
+            await jobs.add_event(session, row.id, f"Attempt {attempt} started", data={"attempt": attempt})
+            await session.commit()
+        await session.refresh(row)
+        await self._launch(row, token)
+
+    async def _launch(self, row: JobRow, token: str) -> None:
+        spec = self.build_spec(row)
+        env = {"TUNEFORGE_JOB_TOKEN": token, "TUNEFORGE_HOME": str(self.services.settings.home)}
+        await run_in_threadpool(self.executor.submit, run_name(row.id, row.attempt), spec, env)
+
+    def build_spec(self, row: JobRow) -> JobSpec:
+        path = self.services.base_models().get(row.model)
+        return JobSpec(
+            job_id=row.id,
+            project_id=row.project_id,
+            attempt=row.attempt,
+            base_model=row.model,
+            base_model_path=str(path) if path else None,
+            method=Method.model_validate(row.method),
+            lora=LoraConfigSpec.model_validate(row.lora),
+            quantization=row.quantization,  # type: ignore[arg-type]
+            resources=Resources.model_validate(row.resources),
+            seed=row.seed,
+            training_file_key=file_key(row.project_id, row.training_file),
+            validation_file_key=file_key(row.project_id, row.validation_file)
+            if row.validation_file
+            else None,
+            storage_uri=self.services.storage.uri,
+            api_base_url=self.services.settings.public_url,
+        )
+
+    async def cancel(self, job_id: str) -> None:
+        async with self.services.sessions() as session:
+            row = await jobs.get_row_any_project(session, job_id)
+        if row is None:
+            return
+        if row.attempt:
+            # Stop the process first, so nothing writes to storage after we clean it.
+            await run_in_threadpool(self.executor.cancel, run_name(row.id, row.attempt))
+        if row.status == JobStatus.running.value and row.cancel_requested:
+            await self._mark_cancelled(row)
+
+    async def _mark_cancelled(self, row: JobRow) -> None:
+        async with self.services.sessions() as session:
+            if await jobs.transition(
+                session,
+                row.id,
+                (JobStatus.validating_files, JobStatus.queued, JobStatus.running),
+                JobStatus.cancelled,
+            ):
+                await jobs.add_event(session, row.id, "Job cancelled")
+                await session.commit()
+                # Nothing of a cancelled job is published, even a finished upload.
+                await run_in_threadpool(
+                    self.services.storage.delete_prefix, adapter_prefix(row.project_id, row.id)
+                )
+
+    async def finalize(self, row: JobRow, status: RunStatus) -> None:
+        """Record how an attempt ended: success, a clear failure, or a retry."""
+        if row.cancel_requested:
+            await self.cancel(row.id)
+            return
+        if status.state == RunState.missing:
+            await self._relaunch(row)
+            return
+        storage = self.services.storage
+        prefix = job_prefix(row.project_id, row.id)
+        if status.exit_code == EXIT_OK:
+            manifest = await run_in_threadpool(
+                _read_json, storage, adapter_prefix(row.project_id, row.id) + MANIFEST
+            )
+            if manifest is not None:
+                await self._succeed(row, manifest)
+                return
+            status = RunStatus(RunState.exited, -1, "the trainer exited 0 without publishing an adapter")
+        if status.exit_code == EXIT_NON_RETRIABLE:
+            error = await run_in_threadpool(_read_json, storage, prefix + "error.json") or {}
+            await self._fail(
+                row,
+                {
+                    "code": str(error.get("code") or "training_failed"),
+                    "message": str(error.get("message") or "The trainer rejected the job."),
+                    "param": error.get("param"),
+                },
+            )
+            return
+        await self._retry_or_fail(row, status)
+
+    async def _succeed(self, row: JobRow, manifest: dict) -> None:
+        metrics = manifest.get("metrics") or {}
+        suffix = row.suffix or ""
+        async with self.services.sessions() as session:
+            if await jobs.transition(
+                session,
+                row.id,
+                (JobStatus.running,),
+                JobStatus.succeeded,
+                fine_tuned_model=f"ft:{row.model}:{row.project_id}:{suffix}:{row.id}",
+                trained_tokens=metrics.get("trained_tokens"),
+                estimated_finish=None,
+            ):
+                await jobs.add_event(session, row.id, "The job has successfully completed", data=metrics)
+                await session.commit()
+
+    async def _fail(self, row: JobRow, error: dict) -> None:
+        async with self.services.sessions() as session:
+            if await jobs.transition(
+                session, row.id, (JobStatus.running,), JobStatus.failed, error=error, estimated_finish=None
+            ):
+                await jobs.add_event(
+                    session,
+                    row.id,
+                    f"Job failed: {error['message']}",
+                    level="error",
+                    data={"code": error["code"]},
+                )
+                await session.commit()
+
+    async def _retry_or_fail(self, row: JobRow, status: RunStatus) -> None:
+        what = f"exit code {status.exit_code}" if status.exit_code is not None else status.detail
+        if row.attempt >= row.max_attempts:
+            await self._fail(
+                row,
+                {
+                    "code": "training_failed",
+                    "param": None,
+                    "message": f"The trainer failed {row.attempt} times; last: {what}.",
+                },
+            )
+            return
+        async with self.services.sessions() as session:
+            if await jobs.transition(
+                session, row.id, (JobStatus.running,), JobStatus.queued, token_hash=None
+            ):
+                await jobs.add_event(
+                    session,
+                    row.id,
+                    f"Attempt {row.attempt} failed ({what}); retrying",
+                    level="warn",
+                    data={"attempt": row.attempt, "exit_code": status.exit_code},
+                )
+                await session.commit()
+        await self.submit(row.id)
+
+    async def _relaunch(self, row: JobRow) -> None:
+        """The attempt was recorded but never started (a crash between commit and launch)."""
+        token = new_secret("tfjob")
+        async with self.services.sessions() as session:
+            await jobs.update_fields(session, row.id, token_hash=hash_secret(token))
+            await session.commit()
+        await self._launch(row, token)
+
+    async def reconcile(self) -> None:
+        """Compare the DB with the executor and repair differences. Costs O(active jobs)."""
+        async with self.services.sessions() as session:
+            active = await jobs.active_rows(session)
+        for row in active:
+            try:
+                if row.status != JobStatus.running.value:
+                    await self.submit(row.id)
+                    continue
+                status = await run_in_threadpool(self.executor.status, run_name(row.id, row.attempt))
+                if row.cancel_requested:
+                    await self.cancel(row.id)
+                elif status.state != RunState.running:
+                    await self.finalize(row, status)
+            except Exception:  # one bad job must not stop the pass for the others
+                log.exception("reconcile failed for %s", row.id)
+
+
+def _read_json(storage, key: str) -> dict | None:
+    try:
+        return json.loads(storage.get_bytes(key))
+    except (FileNotFoundError, KeyError, ValueError):
+        return None

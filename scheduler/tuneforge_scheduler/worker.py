@@ -1,0 +1,65 @@
+"""The arq worker: three short tasks plus a reconcile cron, written the way arq itself is."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from arq import Worker, cron
+from arq.connections import RedisSettings
+
+from tuneforge_api.services import Services
+from tuneforge_scheduler.executors.local import LocalExecutor
+from tuneforge_scheduler.lifecycle import Scheduler
+from tuneforge_scheduler.settings import SchedulerSettings
+
+log = logging.getLogger("tuneforge.scheduler")
+
+
+def build_scheduler(settings: SchedulerSettings) -> Scheduler:
+    executor = LocalExecutor(settings.home / "runs", max_concurrent=settings.local_max_jobs)
+    return Scheduler(services=Services.build(settings), executor=executor)
+
+
+async def submit_job(ctx: dict[str, Any], job_id: str) -> None:
+    await ctx["scheduler"].submit(job_id)
+
+
+async def cancel_job(ctx: dict[str, Any], job_id: str) -> None:
+    await ctx["scheduler"].cancel(job_id)
+
+
+async def reconcile(ctx: dict[str, Any]) -> None:
+    await ctx["scheduler"].reconcile()
+
+
+def build_worker(settings: SchedulerSettings, scheduler: Scheduler | None = None, **overrides: Any) -> Worker:
+    """A worker bound to one scheduler; ``overrides`` go to ``arq.Worker`` (tests use burst=True)."""
+    scheduler = scheduler or build_scheduler(settings)
+
+    async def on_startup(ctx: dict[str, Any]) -> None:
+        ctx["scheduler"] = scheduler
+
+    async def on_shutdown(ctx: dict[str, Any]) -> None:
+        scheduler.executor.shutdown()
+        await scheduler.services.close()
+
+    every = settings.reconcile_every_s
+    redis = RedisSettings.from_dsn(settings.redis_url)
+    options: dict[str, Any] = dict(
+        functions=[submit_job, cancel_job],
+        cron_jobs=[cron(reconcile, second=set(range(0, 60, every)), run_at_startup=True, timeout=120)],
+        on_startup=on_startup,
+        on_shutdown=on_shutdown,
+        redis_settings=redis,
+        queue_name=settings.queue_name,
+        keep_result=0,  # results are not used, and a kept result would block re-enqueueing a job id
+        poll_delay=0.1,
+        max_jobs=16,
+        job_timeout=120,
+        job_serializer=lambda d: json.dumps(d).encode(),
+        job_deserializer=json.loads,
+    )
+    options.update(overrides)
+    return Worker(**options)

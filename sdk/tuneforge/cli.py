@@ -1,0 +1,203 @@
+"""The ``tuneforge`` command, built on the SDK. ``tuneforge up`` needs the server packages."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from pydantic import BaseModel
+
+from tuneforge.client import Client
+from tuneforge.errors import TuneforgeError
+from tuneforge.types import Job
+
+
+def _print_json(obj: Any) -> None:
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    elif isinstance(obj, list):
+        obj = [o.model_dump(mode="json") if isinstance(o, BaseModel) else o for o in obj]
+    print(json.dumps(obj, indent=2))
+
+
+@contextmanager
+def _progress(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A byte progress bar with rich when it is installed, and silence otherwise."""
+    try:
+        from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+    except ImportError:
+        yield lambda done, total: None
+        return
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        transient=True,
+        stderr=True,
+    ) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total or None)
+
+
+def _wait(client: Client, job_id: str, timeout: float) -> Job:
+    """Follow a job until it ends, showing its status and latest metrics."""
+    last: dict[str, Any] = {}
+
+    def describe(job: Job) -> str:
+        page = client.get_json(f"/v1/fine_tuning/jobs/{job.id}/events", limit=1)
+        if page["data"]:
+            last.update(page["data"][0])
+        return f"{job.status.value}: {last.get('message', '')}"
+
+    try:
+        from rich.console import Console
+    except ImportError:
+        return client.jobs.wait(
+            job_id, timeout=timeout, on_update=lambda j: print(describe(j), file=sys.stderr)
+        )
+    console = Console(stderr=True)
+    with console.status(f"waiting for {job_id}") as status:
+        return client.jobs.wait(job_id, timeout=timeout, on_update=lambda j: status.update(describe(j)))
+
+
+def _cmd_up(args: argparse.Namespace, _: Client | None) -> int:
+    try:
+        from tuneforge_scheduler.up import up
+    except ImportError:
+        print(
+            "tuneforge up needs the server packages: pip install ./api ./scheduler ./trainer_image",
+            file=sys.stderr,
+        )
+        return 2
+    return up(args.host, args.port)
+
+
+def _cmd(fn: Callable[[argparse.Namespace, Client], Any]) -> Callable[[argparse.Namespace, Client], int]:
+    def run(args: argparse.Namespace, client: Client) -> int:
+        result = fn(args, client)
+        if result is not None:
+            _print_json(result)
+        return 0
+
+    return run
+
+
+def _upload(args: argparse.Namespace, c: Client) -> Any:
+    with _progress(f"uploading {args.path}") as cb:
+        return c.files.upload(args.path, purpose=args.purpose, on_progress=cb)
+
+
+def _create_job(args: argparse.Namespace, c: Client) -> Any:
+    hp = json.loads(args.hyperparameters) if args.hyperparameters else None
+    extra = json.loads(args.extra) if args.extra else {}
+    job = c.create_job(
+        model=args.model,
+        training_file=args.training_file,
+        method=args.method,
+        hyperparameters=hp,
+        validation_file=args.validation_file,
+        suffix=args.suffix,
+        seed=args.seed,
+        **extra,
+    )
+    return _wait(c, job.id, args.timeout) if args.wait else job
+
+
+def _download(args: argparse.Namespace, c: Client) -> Any:
+    with _progress(f"downloading adapter of {args.job_id}") as cb:
+        path = c.adapters.download(args.job_id, args.dest, on_progress=cb)
+    return {"path": str(path)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tuneforge", description="Tuneforge: self-hosted fine-tuning.")
+    p.add_argument("--base-url", help="default: $TUNEFORGE_BASE_URL or http://127.0.0.1:8000")
+    p.add_argument("--api-key", help="default: $TUNEFORGE_API_KEY")
+    sub = p.add_subparsers(dest="group", required=True)
+
+    up = sub.add_parser("up", help="start API, scheduler and local executor")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000)
+    up.set_defaults(run=_cmd_up, needs_client=False)
+
+    files = sub.add_parser("files", help="datasets").add_subparsers(dest="verb", required=True)
+    f = files.add_parser("upload")
+    f.add_argument("path")
+    f.add_argument("--purpose", default="fine-tune")
+    f.set_defaults(run=_cmd(_upload))
+    files.add_parser("list").set_defaults(run=_cmd(lambda a, c: c.files.list()))
+    for verb, fn in (
+        ("get", lambda a, c: c.files.get(a.file_id)),
+        ("delete", lambda a, c: {"deleted": c.files.delete(a.file_id)}),
+    ):
+        v = files.add_parser(verb)
+        v.add_argument("file_id")
+        v.set_defaults(run=_cmd(fn))
+
+    jobs = sub.add_parser("jobs", help="fine-tuning jobs").add_subparsers(dest="verb", required=True)
+    j = jobs.add_parser("create")
+    j.add_argument("--model", required=True)
+    j.add_argument("--training-file", required=True)
+    j.add_argument("--validation-file")
+    j.add_argument("--method", default="supervised")
+    j.add_argument("--hyperparameters", help="JSON, e.g. '{\"n_epochs\": 2}'")
+    j.add_argument("--suffix")
+    j.add_argument("--seed", type=int)
+    j.add_argument("--extra", help="JSON of further fields: lora, quantization, resources")
+    j.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    j.add_argument("--timeout", type=float, default=24 * 3600)
+    j.set_defaults(run=_cmd(_create_job))
+    jobs.add_parser("list").set_defaults(run=_cmd(lambda a, c: c.jobs.list_all()))
+    for verb, fn in (
+        ("get", lambda a, c: c.jobs.get(a.job_id)),
+        ("cancel", lambda a, c: c.jobs.cancel(a.job_id)),
+        ("events", lambda a, c: list(c.jobs.events(a.job_id))),
+        ("wait", lambda a, c: _wait(c, a.job_id, a.timeout)),
+    ):
+        v = jobs.add_parser(verb)
+        v.add_argument("job_id")
+        v.add_argument("--timeout", type=float, default=24 * 3600)
+        v.set_defaults(run=_cmd(fn))
+
+    adapters = sub.add_parser("adapters", help="trained adapters").add_subparsers(dest="verb", required=True)
+    d = adapters.add_parser("download")
+    d.add_argument("job_id")
+    d.add_argument("dest")
+    d.set_defaults(run=_cmd(_download))
+
+    sub.add_parser("models", help="list models").set_defaults(run=_cmd(lambda a, c: c.models.list()))
+
+    projects = sub.add_parser("projects", help="projects (admin)").add_subparsers(dest="verb", required=True)
+    pc = projects.add_parser("create")
+    pc.add_argument("name")
+    pc.set_defaults(run=_cmd(lambda a, c: c.admin.create_project(a.name)))
+    projects.add_parser("list").set_defaults(run=_cmd(lambda a, c: c.admin.list_projects()))
+
+    keys = sub.add_parser("keys", help="API keys (admin)").add_subparsers(dest="verb", required=True)
+    kc = keys.add_parser("create")
+    kc.add_argument("project_id")
+    kc.add_argument("--name", default="default")
+    kc.add_argument("--role", choices=["member", "admin"], default="member")
+    kc.set_defaults(run=_cmd(lambda a, c: c.admin.create_key(a.project_id, name=a.name, role=a.role)))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not getattr(args, "needs_client", True):
+        return args.run(args, None)
+    with Client(base_url=args.base_url, api_key=args.api_key) as client:
+        try:
+            return args.run(args, client)
+        except TuneforgeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Public types: the shared vocabulary of the SDK, the API, the scheduler and the trainer.
+
+Request bodies forbid unknown fields (mass assignment, typos); response models
+allow them so that an older SDK keeps working against a newer server.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Auto = Literal["auto"]
+T = TypeVar("T")
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class JobStatus(str, Enum):
+    """OpenAI's job states; finer detail (cancelling, attempts, resume) goes into events."""
+
+    validating_files = "validating_files"
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    def is_finished(self) -> bool:
+        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+
+
+class MethodType(str, Enum):
+    supervised = "supervised"
+    dpo = "dpo"
+    reward_model = "reward_model"
+    rlhf = "rlhf"
+
+
+class Hyperparameters(_Request):
+    """Training hyperparameters; "auto" is resolved from the dataset size, as OpenAI does."""
+
+    n_epochs: int | Auto = Field("auto", description="Passes over the training file.")
+    batch_size: int | Auto = Field("auto", description="Examples per optimizer step.")
+    learning_rate_multiplier: float | Auto = Field(
+        "auto", description="Multiplier on the method's base learning rate."
+    )
+    beta: float | Auto | None = Field(None, description="DPO temperature (dpo only).")
+
+    @field_validator("n_epochs")
+    @classmethod
+    def _epochs_in_range(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 50:
+            raise ValueError("n_epochs must be between 1 and 50")
+        return v
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_in_range(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 256:
+            raise ValueError("batch_size must be between 1 and 256")
+        return v
+
+    @field_validator("learning_rate_multiplier")
+    @classmethod
+    def _lr_positive(cls, v: float | str) -> float | str:
+        if not isinstance(v, str) and not 0 < v <= 100:
+            raise ValueError("learning_rate_multiplier must be in (0, 100]")
+        return v
+
+
+class MethodParams(_Request):
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+
+
+class Method(_Request):
+    """OpenAI's method object: ``{"type": "supervised", "supervised": {"hyperparameters": ...}}``."""
+
+    type: MethodType
+    supervised: MethodParams | None = None
+    dpo: MethodParams | None = None
+    reward_model: MethodParams | None = None
+    rlhf: MethodParams | None = None
+
+    @model_validator(mode="after")
+    def _only_own_params(self) -> Method:
+        for other in MethodType:
+            if other != self.type and getattr(self, other.value) is not None:
+                raise ValueError(f"method.{other.value} given but method.type is {self.type.value}")
+        return self
+
+    @property
+    def params(self) -> MethodParams:
+        return getattr(self, self.type.value) or MethodParams()
+
+    def with_hyperparameters(self, hp: Hyperparameters) -> Method:
+        return Method.model_validate({"type": self.type, self.type.value: {"hyperparameters": hp}})
+
+
+class LoraConfigSpec(_Request):
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, le=4096, description="LoRA scaling numerator.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or every linear layer."
+    )
+
+
+class Resources(_Request):
+    gpus: int = Field(0, ge=0, le=64, description="GPUs per node; 0 trains on the CPU.")
+    nodes: int = Field(1, ge=1, le=64, description="Nodes; above 1 needs the kubernetes executor.")
+
+
+class JobCreate(_Request):
+    """Body of ``POST /v1/fine_tuning/jobs``."""
+
+    model: str = Field(min_length=1, max_length=256)
+    training_file: str = Field(min_length=1, max_length=64)
+    validation_file: str | None = Field(None, max_length=64)
+    method: Method | None = None
+    # Deprecated by OpenAI in favour of method.*.hyperparameters, still accepted.
+    hyperparameters: Hyperparameters | None = None
+    suffix: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_.-]*$")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    metadata: dict[str, str] | None = None
+    integrations: list[dict[str, Any]] | None = None
+    lora: LoraConfigSpec = Field(default_factory=LoraConfigSpec)
+    quantization: Literal["nf4", "int8"] | None = None
+    resources: Resources = Field(default_factory=Resources)
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_bounded(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is not None and (len(v) > 16 or any(len(k) > 64 or len(x) > 512 for k, x in v.items())):
+            raise ValueError("metadata allows 16 keys of at most 64 chars, values of at most 512")
+        return v
+
+    def resolved_method(self) -> Method:
+        """The method object, with top-level hyperparameters folded in."""
+        method = self.method or Method(type=MethodType.supervised)
+        if self.hyperparameters is not None:
+            if self.method is not None and self.method.params.hyperparameters != Hyperparameters():
+                raise ValueError("give hyperparameters either at top level or in method, not both")
+            method = method.with_hyperparameters(self.hyperparameters)
+        return method
+
+
+class ErrorInfo(_Response):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class Job(_Response):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    finished_at: int | None = None
+    model: str
+    fine_tuned_model: str | None = None
+    organization_id: str
+    status: JobStatus
+    training_file: str
+    validation_file: str | None = None
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    method: dict[str, Any] = Field(default_factory=dict)
+    result_files: list[str] = Field(default_factory=list)
+    trained_tokens: int | None = None
+    error: ErrorInfo | None = None
+    seed: int | None = None
+    estimated_finish: int | None = None
+    integrations: list[dict[str, Any]] = Field(default_factory=list)
+    metadata: dict[str, str] | None = None
+    user_provided_suffix: str | None = None
+    lora: dict[str, Any] | None = None
+    quantization: str | None = None
+    resources: dict[str, Any] | None = None
+
+
+class Event(_Response):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: Literal["info", "warn", "error"] = "info"
+    message: str
+    type: Literal["message", "metrics"] = "message"
+    data: dict[str, Any] | None = None
+
+
+class FileObject(_Response):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: Literal["uploaded", "processed", "error"] = "processed"
+    status_details: str | None = None
+
+
+class Model(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class Project(_Response):
+    id: str
+    object: Literal["project"] = "project"
+    name: str
+    created_at: int
+
+
+class ApiKey(_Response):
+    id: str
+    object: Literal["api_key"] = "api_key"
+    project_id: str
+    name: str
+    role: Literal["admin", "member"]
+    created_at: int
+    key: str | None = Field(None, description="The secret; returned once, at creation.")
+
+
+class Page(_Response, Generic[T]):
+    object: Literal["list"] = "list"
+    data: list[T]
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class EventCreate(_Request):
+    """What the trainer posts about its own job."""
+
+    level: Literal["info", "warn", "error"] = "info"
+    message: str = Field(max_length=4000)
+    type: Literal["message", "metrics"] = "message"
+    data: dict[str, Any] | None = None
+
+
+class JobSpec(_Request):
+    """The contract between API, scheduler and trainer, handed to the trainer as JSON.
+
+    Secrets (the job token, storage credentials) travel in the environment, never here.
+    """
+
+    job_id: str
+    project_id: str
+    attempt: int = Field(ge=1)
+    base_model: str
+    base_model_path: str | None = Field(
+        None, description="Local folder in HF format; None for the built-in tiny model."
+    )
+    method: Method
+    lora: LoraConfigSpec
+    quantization: Literal["nf4", "int8"] | None = None
+    resources: Resources = Field(default_factory=Resources)
+    seed: int = 42
+    training_file_key: str
+    validation_file_key: str | None = None
+    storage_uri: str
+    api_base_url: str

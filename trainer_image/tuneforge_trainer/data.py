@@ -1,0 +1,161 @@
+"""Load and validate the SFT training file (JSON lines) and convert it into TRL's formats.
+
+Each line is either a chat example ``{"messages": [{"role", "content"}, ...]}`` or a
+``{"prompt": str, "completion": str}`` pair. The API validates files too; the trainer checks
+again because it is the last line of defence and its errors carry line numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tuneforge.storage import Storage
+from tuneforge_trainer.config_mapping import DataFormat
+from tuneforge_trainer.errors import NonRetriableError
+
+ROLES = ("system", "user", "assistant", "tool")
+MAX_REPORTED_PROBLEMS = 20
+
+
+@dataclass(frozen=True)
+class Problem:
+    line: int | None  # 1-based; None for problems with the whole file
+    code: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"line {self.line}: " if self.line is not None else ""
+        return f"{where}{self.message} ({self.code})"
+
+
+class DataError(NonRetriableError):
+    """The training file is unusable; lists up to 20 problems and the total count."""
+
+    def __init__(self, problems: list[Problem], param: str = "training_file") -> None:
+        shown = problems[:MAX_REPORTED_PROBLEMS]
+        more = len(problems) - len(shown)
+        noun = "problem" if len(problems) == 1 else "problems"
+        message = f"training file has {len(problems)} {noun}: " + "; ".join(map(str, shown))
+        if more:
+            message += f"; and {more} more"
+        super().__init__("invalid_training_file", message, param)
+        self.problems = problems
+
+
+@dataclass
+class SFTData:
+    """Validated examples, all in one TRL format (a dataset needs one schema)."""
+
+    format: DataFormat
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def load_sft_file(storage: Storage, key: str, param: str = "training_file") -> SFTData:
+    """Download the file at ``key`` and validate it; raises DataError."""
+    with tempfile.TemporaryDirectory(prefix="tuneforge-data-") as tmp:
+        path = Path(tmp) / "train.jsonl"
+        try:
+            storage.get_file(key, path)
+        except FileNotFoundError:
+            raise DataError([Problem(None, "file_not_found", "the file is not in storage")], param) from None
+        return parse_sft_lines(path.read_bytes().splitlines(), param)
+
+
+def parse_sft_lines(lines: list[bytes], param: str = "training_file") -> SFTData:
+    """Validate every line, then convert; blank lines are skipped."""
+    problems: list[Problem] = []
+    examples: list[dict[str, Any]] = []
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        example, found = _parse_line(number, raw)
+        problems.extend(found)
+        if example is not None and not found:
+            examples.append(example)
+    if not problems and not examples:
+        problems.append(Problem(None, "empty_file", "the file has no examples"))
+    if problems:
+        raise DataError(problems, param)
+    return to_trl_format(examples)
+
+
+def _parse_line(number: int, raw: bytes) -> tuple[dict[str, Any] | None, list[Problem]]:
+    try:
+        obj = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        return None, [Problem(number, "not_json", "not valid JSON")]
+    if not isinstance(obj, dict):
+        return None, [Problem(number, "not_object", "each line must be a JSON object")]
+    if "messages" in obj:
+        return _parse_messages(number, obj["messages"])
+    if "prompt" in obj or "completion" in obj:
+        return _parse_prompt_completion(number, obj)
+    return None, [Problem(number, "missing_messages", "needs 'messages', or 'prompt' and 'completion'")]
+
+
+def _parse_messages(number: int, messages: Any) -> tuple[dict[str, Any] | None, list[Problem]]:
+    if not isinstance(messages, list) or not messages:
+        return None, [Problem(number, "invalid_messages", "'messages' must be a non-empty list")]
+    problems: list[Problem] = []
+    clean: list[dict[str, str]] = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            problems.append(Problem(number, "invalid_message", f"{where} must be an object"))
+            continue
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            problems.append(
+                Problem(number, "invalid_role", f"{where}.role must be one of {', '.join(ROLES)}")
+            )
+        if not isinstance(content, str):
+            problems.append(Problem(number, "invalid_content", f"{where}.content must be a string"))
+        elif not content.strip():
+            problems.append(Problem(number, "empty_content", f"{where}.content is empty"))
+        clean.append({"role": str(role), "content": content if isinstance(content, str) else ""})
+    has_answer = any(m["role"] == "assistant" and m["content"].strip() for m in clean)
+    if not problems and not has_answer:
+        problems.append(Problem(number, "missing_assistant_message", "needs an assistant message to learn"))
+    return ({"messages": clean} if not problems else None), problems
+
+
+def _parse_prompt_completion(number: int, obj: dict[str, Any]) -> tuple[dict[str, Any] | None, list[Problem]]:
+    problems = []
+    for name in ("prompt", "completion"):
+        value = obj.get(name)
+        if not isinstance(value, str):
+            problems.append(Problem(number, f"invalid_{name}", f"'{name}' must be a string"))
+        elif name == "completion" and not value.strip():
+            problems.append(Problem(number, "empty_content", "'completion' is empty"))
+    if problems:
+        return None, problems
+    return {"prompt": obj["prompt"], "completion": obj["completion"]}, []
+
+
+def to_trl_format(examples: list[dict[str, Any]]) -> SFTData:
+    """One format per dataset: prompt/completion if every line is one, else chat messages.
+
+    A file mixing both turns its prompt/completion pairs into a user/assistant exchange, so
+    the loss still covers only the answer.
+    """
+    if all("prompt" in e for e in examples):
+        return SFTData("prompt_completion", examples)
+    records = [
+        e
+        if "messages" in e
+        else {
+            "messages": [
+                {"role": "user", "content": e["prompt"]},
+                {"role": "assistant", "content": e["completion"]},
+            ]
+        }
+        for e in examples
+    ]
+    return SFTData("messages", records)
