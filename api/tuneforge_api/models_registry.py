@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-TINY_MODEL_ID = "tuneforge/tiny-llama"
+from tuneforge.types import TINY_MODEL_ID
 
 
 def base_models(models_dir: Path | None) -> dict[str, Path | None]:
@@ -15,6 +15,7 @@ def base_models(models_dir: Path | None) -> dict[str, Path | None]:
     found: dict[str, Path | None] = {TINY_MODEL_ID: None}
     if models_dir and models_dir.is_dir():
         for folder in sorted(models_dir.iterdir()):
-            if (folder / "config.json").is_file():
+            # Dot-folders are temp or hidden (a model being built or copied in): never serve them.
+            if not folder.name.startswith(".") and (folder / "config.json").is_file():
                 found[folder.name.replace("--", "/")] = folder.resolve()
     return found

@@ -49,9 +49,9 @@ def _wait(client: Client, job_id: str, timeout: float) -> Job:
     last: dict[str, Any] = {}
 
     def describe(job: Job) -> str:
-        page = client.get_json(f"/v1/fine_tuning/jobs/{job.id}/events", limit=1)
-        if page["data"]:
-            last.update(page["data"][0])
+        page = client.jobs.list_events(job.id, limit=1)
+        if page.data:
+            last.update(page.data[0].model_dump())
         return f"{job.status.value}: {last.get('message', '')}"
 
     try:

@@ -243,6 +243,11 @@ class Jobs:
     def cancel(self, job_id: str) -> Job:
         return Job.model_validate(self._c.post_json(f"/v1/fine_tuning/jobs/{job_id}/cancel"))
 
+    def list_events(self, job_id: str, *, limit: int = 20, after: str | None = None) -> Page[Event]:
+        """One page of events, newest first (OpenAI's order)."""
+        raw = self._c.get_json(f"/v1/fine_tuning/jobs/{job_id}/events", limit=limit, after=after)
+        return Page[Event].model_validate(raw)
+
     def events(self, job_id: str) -> Iterator[Event]:
         """Every event of the job, oldest first (the server pages newest first)."""
         events = _all_pages(self._c, f"/v1/fine_tuning/jobs/{job_id}/events", Event, limit=100)

@@ -12,6 +12,7 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Auto = Literal["auto"]
+TINY_MODEL_ID = "tuneforge/tiny-llama"  # the built-in base model, built locally on first use
 T = TypeVar("T")
 
 

@@ -105,7 +105,7 @@ def test_manifest_is_complete_and_matches_the_files(trained: Run, tiny_model_dir
 
 def test_events_report_progress(trained: Run) -> None:
     assert all(r["headers"]["Authorization"] == f"Bearer {JOB_TOKEN}" for r in trained.requests)
-    assert trained.events[0]["message"] == "attempt 1 started"
+    assert trained.events[0]["message"].startswith("Training file checked: ")
     assert trained.events[-1]["message"].startswith("attempt 1 succeeded")
     metrics = trained.metrics
     assert [m["step"] for m in metrics] == list(range(1, 65))

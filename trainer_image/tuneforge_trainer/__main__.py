@@ -114,7 +114,6 @@ def _open_storage(uri: str) -> Storage:
 
 def run(spec: JobSpec, storage: Storage, reporter: EventReporter) -> int:
     log(f"job {spec.job_id} attempt {spec.attempt}: {spec.method.type.value} on {spec.base_model}")
-    reporter.message(f"attempt {spec.attempt} started")
     if spec.method.type not in SUPPORTED_METHODS:
         raise ConfigError(
             "unsupported_method", f"method {spec.method.type.value!r} is not supported yet", "method.type"
@@ -122,6 +121,8 @@ def run(spec: JobSpec, storage: Storage, reporter: EventReporter) -> int:
 
     data = load_sft_file(storage, spec.training_file_key)
     log(f"training file ok: {len(data)} examples")
+    # The scheduler already announced the attempt; this says what the trainer found.
+    reporter.message(f"Training file checked: {len(data)} examples")
     if spec.validation_file_key:
         log("validation file given; evaluation is not implemented yet, so it is not used")
 

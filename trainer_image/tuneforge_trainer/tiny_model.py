@@ -12,6 +12,7 @@ module stays cheap.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import shutil
 import tempfile
@@ -19,14 +20,16 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tuneforge.types import TINY_MODEL_ID
 from tuneforge_trainer.errors import ConfigError
 
 if TYPE_CHECKING:
     from tuneforge.types import JobSpec
 
-TINY_MODEL_ID = "tuneforge/tiny-llama"
-TINY_MODEL_DIRNAME = "tuneforge--tiny-llama"
+__all__ = ["TINY_MODEL_ID", "ensure_tiny_model", "resolve_base_model"]
 
+# Bump when build_tiny_model changes in a way the fingerprint below cannot see.
+BUILD_VERSION = 1
 VOCAB_SIZE = 1024
 SEED = 0
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|end|>"
@@ -51,6 +54,19 @@ CHAT_TEMPLATE = (
 )
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+def _corpus() -> str:
+    return resources.files("tuneforge_trainer").joinpath("assets/tiny_corpus.txt").read_text("utf-8")
+
+
+def _fingerprint() -> str:
+    """Names the cache folder after the recipe, so a changed recipe never reuses an old build."""
+    recipe = f"{BUILD_VERSION}|{VOCAB_SIZE}|{SEED}|{CHAT_TEMPLATE}|{_corpus()}"
+    return hashlib.sha256(recipe.encode()).hexdigest()[:12]
+
+
+TINY_MODEL_DIRNAME = f"tuneforge--tiny-llama-{_fingerprint()}"
 
 
 def default_models_cache() -> Path:
@@ -134,7 +150,7 @@ def build_tokenizer():  # -> PreTrainedTokenizerFast (kept lazy)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    corpus = resources.files("tuneforge_trainer").joinpath("assets/tiny_corpus.txt").read_text("utf-8")
+    corpus = _corpus()
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
