@@ -28,6 +28,7 @@ def _print_json(obj: Any) -> None:
 def _progress(label: str) -> Iterator[Callable[[int, int], None]]:
     """A byte progress bar with rich when it is installed, and silence otherwise."""
     try:
+        from rich.console import Console
         from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
     except ImportError:
         yield lambda done, total: None
@@ -38,7 +39,7 @@ def _progress(label: str) -> Iterator[Callable[[int, int], None]]:
         DownloadColumn(),
         TransferSpeedColumn(),
         transient=True,
-        stderr=True,
+        console=Console(stderr=True),
     ) as bar:
         task = bar.add_task(label, total=None)
         yield lambda done, total: bar.update(task, completed=done, total=total or None)
@@ -197,6 +198,12 @@ def main(argv: list[str] | None = None) -> int:
         except TuneforgeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
+        except json.JSONDecodeError as exc:
+            print(f"error: not valid JSON: {exc}", file=sys.stderr)
+            return 2
+        except (OSError, ValueError) as exc:  # a missing local file; a value the SDK's types refuse
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

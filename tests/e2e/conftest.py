@@ -51,11 +51,14 @@ def start_service(
     env = {
         **os.environ,
         "TUNEFORGE_HOME": str(home),
-        "TUNEFORGE_API_KEY": ADMIN_KEY,
         "TUNEFORGE_REDIS_URL": redis_url,
         "TUNEFORGE_QUEUE_NAME": queue,
         "TUNEFORGE_MODELS_CACHE": str(models_cache),
     }
+    if ADMIN_KEY:  # the first-start test sets it to None
+        env["TUNEFORGE_API_KEY"] = ADMIN_KEY
+    else:
+        env.pop("TUNEFORGE_API_KEY", None)
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [TUNEFORGE, "up", "--port", str(port)],

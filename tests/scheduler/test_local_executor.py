@@ -129,3 +129,12 @@ def _alive(pid: int) -> bool:
         return False
     stat = Path(f"/proc/{pid}/stat").read_text() if Path(f"/proc/{pid}/stat").exists() else ""
     return bool(stat) and stat.split(")")[-1].split()[0] != "Z"
+
+
+def test_embedded_redis_starts_answers_and_stops(tmp_path: Path) -> None:
+    from tuneforge_scheduler.embedded_redis import EmbeddedRedis, redis_answers
+
+    server = EmbeddedRedis(tmp_path / "redis").start()
+    assert redis_answers("127.0.0.1", server.port) and server.url.endswith(f":{server.port}/0")
+    server.stop()
+    assert not redis_answers("127.0.0.1", server.port)

@@ -6,8 +6,9 @@ import tarfile
 import tempfile
 from typing import Annotated
 
-from fastapi import APIRouter, BackgroundTasks, Query
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, BackgroundTasks, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
 from tuneforge.storage import MANIFEST, adapter_prefix
@@ -15,6 +16,7 @@ from tuneforge.types import Event, Job, JobCreate, JobStatus, Page
 from tuneforge_api.db.tables import JobRow
 from tuneforge_api.deps import PrincipalDep, ServicesDep, SessionDep
 from tuneforge_api.errors import ApiError, not_found
+from tuneforge_api.idempotency import idempotent_request
 from tuneforge_api.job_create import create_job
 from tuneforge_api.store import jobs
 
@@ -33,13 +35,26 @@ async def _row(session: SessionDep, principal: PrincipalDep, job_id: str) -> Job
 @router.post("", response_model=Job)
 async def create(
     body: JobCreate,
+    request: Request,
     principal: PrincipalDep,
     session: SessionDep,
     services: ServicesDep,
     background: BackgroundTasks,
-) -> Job:
+) -> Job | JSONResponse:
+    idem = idempotent_request(request, principal, body)
+    if idem and (replayed := await idem.replay(session)):
+        return replayed
     job = await create_job(session, services, principal, body)
-    await session.commit()
+    if idem:
+        await idem.save(session, job)  # same transaction as the job: both or neither
+    try:
+        await session.commit()
+    except IntegrityError:
+        # The same key raced in from a concurrent retry and won; answer with its result.
+        await session.rollback()
+        if idem and (replayed := await idem.replay(session)):
+            return replayed
+        raise
     # After the response: the job is committed, and a lost enqueue is repaired by reconcile.
     background.add_task(services.queue.enqueue, "submit_job", job.id)
     return job
