@@ -29,4 +29,11 @@ def resolve(hp: Hyperparameters, n_examples: int, method: MethodType) -> Hyperpa
     beta = hp.beta
     if method == MethodType.dpo and beta in (None, "auto"):
         beta = 0.1
-    return Hyperparameters(n_epochs=epochs, batch_size=batch, learning_rate_multiplier=lr, beta=beta)
+    return Hyperparameters(
+        n_epochs=epochs,
+        batch_size=batch,
+        learning_rate_multiplier=lr,
+        beta=beta,
+        eval_every=hp.eval_every,
+        checkpoint_every=hp.checkpoint_every,
+    )

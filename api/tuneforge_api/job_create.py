@@ -6,9 +6,12 @@ from __future__ import annotations
 import secrets
 
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.concurrency import run_in_threadpool
 
+from tuneforge.storage import MANIFEST, checkpoint_prefix
 from tuneforge.types import Job, JobCreate, JobStatus, MethodType
 from tuneforge_api import hyperparams
+from tuneforge_api.checkpoints import parse_checkpoint_id
 from tuneforge_api.db.tables import FileRow
 from tuneforge_api.errors import ApiError
 from tuneforge_api.services import Services
@@ -41,6 +44,34 @@ async def _usable_file(
     return row
 
 
+async def _init_adapter_key(
+    session: AsyncSession, services: Services, principal: Principal, body: JobCreate
+) -> str | None:
+    """The storage prefix of ``from_checkpoint``: a complete checkpoint of a finished job of
+    this project, on the same base model."""
+    if body.from_checkpoint is None:
+        return None
+    parsed = parse_checkpoint_id(body.from_checkpoint)
+    source = await jobs.get_row(session, principal.project_id, parsed[0]) if parsed else None
+    prefix = checkpoint_prefix(principal.project_id, source.id, parsed[1]) if source and parsed else ""
+    if source is None or not await run_in_threadpool(services.storage.exists, prefix + MANIFEST):
+        raise ApiError(
+            400, "checkpoint_not_found", f"No checkpoint {body.from_checkpoint!r}.", param="from_checkpoint"
+        )
+    if not JobStatus(source.status).is_finished():
+        raise ApiError(
+            400, "checkpoint_job_running", f"Job {source.id} has not finished yet.", param="from_checkpoint"
+        )
+    if source.model != body.model:
+        raise ApiError(
+            400,
+            "checkpoint_model_mismatch",
+            f"The checkpoint was trained on {source.model}, not {body.model}.",
+            param="from_checkpoint",
+        )
+    return prefix
+
+
 async def create_job(session: AsyncSession, services: Services, principal: Principal, body: JobCreate) -> Job:
     try:
         method = body.resolved_method()
@@ -65,6 +96,7 @@ async def create_job(session: AsyncSession, services: Services, principal: Princ
     if body.validation_file is not None:
         await _usable_file(session, principal, body.validation_file, "validation_file", method.type)
 
+    init_adapter_key = await _init_adapter_key(session, services, principal, body)
     resolved = hyperparams.resolve(method.params.hyperparameters, training.n_examples, method.type)
     ts = now()
     values = dict(
@@ -86,6 +118,7 @@ async def create_job(session: AsyncSession, services: Services, principal: Princ
         attempt=0,
         max_attempts=services.settings.max_attempts,
         cancel_requested=False,
+        init_adapter_key=init_adapter_key,
     )
     job = await jobs.insert(session, values)
     await jobs.add_event(session, job.id, f"Created fine-tuning job {job.id}")

@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 
-from tuneforge.storage import MANIFEST, adapter_prefix, file_key, job_prefix
+from tuneforge.storage import (
+    MANIFEST,
+    adapter_prefix,
+    checkpoint_prefix,
+    complete_checkpoint_steps,
+    file_key,
+    job_prefix,
+)
 from tuneforge.types import JobSpec, JobStatus, LoraConfigSpec, Method, Resources
 from tuneforge_api.db.tables import JobRow
 from tuneforge_api.services import Services
@@ -97,11 +104,15 @@ class Scheduler:
         await self._launch(row, token)
 
     async def _launch(self, row: JobRow, token: str) -> None:
-        spec = self.build_spec(row)
+        steps = await run_in_threadpool(
+            complete_checkpoint_steps, self.services.storage, row.project_id, row.id
+        )
+        resume = checkpoint_prefix(row.project_id, row.id, steps[-1]) if steps and row.attempt > 1 else None
+        spec = self.build_spec(row, resume_from_key=resume)
         env = {"TUNEFORGE_JOB_TOKEN": token, "TUNEFORGE_HOME": str(self.services.settings.home)}
         await run_in_threadpool(self.executor.submit, run_name(row.id, row.attempt), spec, env)
 
-    def build_spec(self, row: JobRow) -> JobSpec:
+    def build_spec(self, row: JobRow, *, resume_from_key: str | None = None) -> JobSpec:
         path = self.services.base_models().get(row.model)
         return JobSpec(
             job_id=row.id,
@@ -120,6 +131,8 @@ class Scheduler:
             else None,
             storage_uri=self.services.storage.uri,
             api_base_url=self.services.settings.public_url,
+            resume_from_key=resume_from_key,
+            init_adapter_key=row.init_adapter_key,
         )
 
     async def cancel(self, job_id: str) -> None:

@@ -30,11 +30,28 @@ def adapter_prefix(project_id: str, job_id: str) -> str:
     return job_prefix(project_id, job_id) + "adapter/"
 
 
+def checkpoints_prefix(project_id: str, job_id: str) -> str:
+    return job_prefix(project_id, job_id) + "checkpoints/"
+
+
 def checkpoint_prefix(project_id: str, job_id: str, step: int) -> str:
-    return job_prefix(project_id, job_id) + f"checkpoints/step-{step}/"
+    return checkpoints_prefix(project_id, job_id) + f"step-{step}/"
 
 
 MANIFEST = "manifest.json"
+
+
+def complete_checkpoint_steps(storage: Storage, project_id: str, job_id: str) -> list[int]:
+    """Steps of the job's checkpoints whose manifest exists (a checkpoint without one is
+    incomplete and does not exist), in ascending order."""
+    prefix = checkpoints_prefix(project_id, job_id)
+    steps = set()
+    for key in storage.list(prefix):
+        rest = key[len(prefix) :]
+        folder, _, name = rest.partition("/")
+        if name == MANIFEST and folder.startswith("step-") and folder[5:].isdigit():
+            steps.add(int(folder[5:]))
+    return sorted(steps)
 
 
 class Storage(Protocol):

@@ -54,6 +54,13 @@ class Hyperparameters(_Request):
         "auto", description="Multiplier on the method's base learning rate."
     )
     beta: float | Auto | None = Field(None, description="DPO temperature (dpo only).")
+    # Tuneforge extensions (OpenAI has no such fields); None means the default.
+    eval_every: int | None = Field(
+        None, ge=1, description="Evaluate on the validation file every N steps (default: each epoch end)."
+    )
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="Save a resumable checkpoint every N steps (default: each epoch end)."
+    )
 
     @field_validator("n_epochs")
     @classmethod
@@ -74,6 +81,13 @@ class Hyperparameters(_Request):
     def _lr_positive(cls, v: float | str) -> float | str:
         if not isinstance(v, str) and not 0 < v <= 100:
             raise ValueError("learning_rate_multiplier must be in (0, 100]")
+        return v
+
+    @field_validator("beta")
+    @classmethod
+    def _beta_positive(cls, v: float | str | None) -> float | str | None:
+        if isinstance(v, float | int) and not 0 < v <= 10:
+            raise ValueError("beta must be in (0, 10]")
         return v
 
 
@@ -135,6 +149,9 @@ class JobCreate(_Request):
     lora: LoraConfigSpec = Field(default_factory=LoraConfigSpec)
     quantization: Literal["nf4", "int8"] | None = None
     resources: Resources = Field(default_factory=Resources)
+    from_checkpoint: str | None = Field(
+        None, max_length=128, description="Start from this checkpoint's adapter (an id from /checkpoints)."
+    )
 
     @field_validator("metadata")
     @classmethod
@@ -183,6 +200,18 @@ class Job(_Response):
     lora: dict[str, Any] | None = None
     quantization: str | None = None
     resources: dict[str, Any] | None = None
+
+
+class Checkpoint(_Response):
+    """OpenAI's checkpoint object; ``id`` can be passed as ``from_checkpoint`` to a new job."""
+
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    step_number: int
+    metrics: dict[str, Any] = Field(default_factory=dict)
 
 
 class Event(_Response):
@@ -269,3 +298,10 @@ class JobSpec(_Request):
     validation_file_key: str | None = None
     storage_uri: str
     api_base_url: str
+    resume_from_key: str | None = Field(
+        None, description="Storage prefix of a complete checkpoint of this job to resume (a retried attempt)."
+    )
+    init_adapter_key: str | None = Field(
+        None,
+        description="Storage prefix of a checkpoint whose adapter weights start this job (from_checkpoint).",
+    )

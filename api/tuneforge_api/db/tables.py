@@ -83,6 +83,8 @@ class JobRow(Base):
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     token_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # Storage prefix of the checkpoint whose adapter starts this job (from_checkpoint).
+    init_adapter_key: Mapped[str | None] = mapped_column(String(512), nullable=True)
 
     __table_args__ = (
         Index("ix_jobs_project_seq", "project_id", "seq"),

@@ -12,7 +12,8 @@ from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
 from tuneforge.storage import MANIFEST, adapter_prefix
-from tuneforge.types import Event, Job, JobCreate, JobStatus, Page
+from tuneforge.types import Checkpoint, Event, Job, JobCreate, JobStatus, Page
+from tuneforge_api.checkpoints import list_checkpoints
 from tuneforge_api.db.tables import JobRow
 from tuneforge_api.deps import PrincipalDep, ServicesDep, SessionDep
 from tuneforge_api.errors import ApiError, not_found
@@ -98,6 +99,31 @@ async def list_events(
 ) -> Page[Event]:
     await _row(session, principal, job_id)
     return await jobs.events_page(session, job_id, after=after, limit=limit)
+
+
+@router.get("/{job_id}/checkpoints", response_model=Page[Checkpoint])
+async def checkpoints(
+    job_id: str,
+    principal: PrincipalDep,
+    session: SessionDep,
+    services: ServicesDep,
+    after: str | None = None,
+    limit: LimitQ = 10,
+) -> Page[Checkpoint]:
+    row = await _row(session, principal, job_id)
+    found = await run_in_threadpool(list_checkpoints, services.storage, row)
+    if after is not None:
+        ids = [c.id for c in found]
+        if after not in ids:
+            raise ApiError(400, "invalid_cursor", f"unknown cursor {after!r}", param="after")
+        found = found[ids.index(after) + 1 :]
+    data = found[:limit]
+    return Page[Checkpoint](
+        data=data,
+        has_more=len(found) > limit,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )
 
 
 @router.get("/{job_id}/adapter")
