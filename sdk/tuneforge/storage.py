@@ -134,10 +134,12 @@ class FileStorage:
         return self._path(key).stat().st_size
 
     def list(self, prefix: str) -> list[str]:
-        base = self._path(prefix.rstrip("/"))
+        """Keys under a folder prefix ("" lists everything), never the temp files in flight."""
+        base = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
         if not base.is_dir():
             return []
-        return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file())
+        keys = (p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file())
+        return sorted(k for k in keys if not k.startswith(".tmp/"))
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)

@@ -43,7 +43,12 @@ def models_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def start_service(
-    home: Path, redis_url: str, models_cache: Path, queue: str, port: int | None = None
+    home: Path,
+    redis_url: str,
+    models_cache: Path,
+    queue: str,
+    port: int | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> Service:
     port = port or free_port()
     log = home / f"up-{port}.log"
@@ -55,6 +60,7 @@ def start_service(
         "TUNEFORGE_QUEUE_NAME": queue,
         "TUNEFORGE_MODELS_CACHE": str(models_cache),
     }
+    env.update(extra_env or {})
     if ADMIN_KEY:  # the first-start test sets it to None
         env["TUNEFORGE_API_KEY"] = ADMIN_KEY
     else:

@@ -148,3 +148,33 @@ def test_restart_of_the_whole_service_loses_no_job(
         assert "Attempt 2 started" in messages
     finally:
         assert stop_service(second) == 0
+
+
+def test_sft_with_s3_storage(tmp_path: Path, redis_url: str, models_cache: Path, s3_bucket: str) -> None:
+    """The production storage path: the trainer reads the dataset from S3 and publishes there."""
+    import boto3
+
+    svc = start_service(
+        tmp_path / "home",
+        redis_url,
+        models_cache,
+        f"tf-e2e:{uuid.uuid4().hex}",
+        extra_env={"TUNEFORGE_STORAGE_URI": f"s3://{s3_bucket}/tf"},
+    )
+    try:
+        client = svc.client()
+        job = client.create_job(
+            model=TINY,
+            training_file=client.files.upload(DATA).id,
+            hyperparameters={"n_epochs": 1, "batch_size": 8},
+        )
+        job = client.jobs.wait(job.id, timeout=600, poll_interval=0.5)
+        assert job.status == JobStatus.succeeded, [e.message for e in client.jobs.events(job.id)]
+        keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket)["Contents"]]
+        adapter = [k for k in keys if f"/jobs/{job.id}/adapter/" in k]
+        assert any(k.endswith("/manifest.json") for k in adapter)
+        assert any(k.endswith("/adapter_model.safetensors") for k in adapter)
+        out = client.adapters.download(job.id, tmp_path / "adapter")
+        assert (out / "adapter_model.safetensors").is_file()
+    finally:
+        assert stop_service(svc) == 0
