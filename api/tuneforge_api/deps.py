@@ -15,7 +15,9 @@ from tuneforge_api.store.ids import hash_secret
 from tuneforge_api.store.projects import Principal
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    # async on purpose: FastAPI runs plain-def dependencies in a threadpool, a thread hop
+    # per request for a dict lookup.
     return request.app.state.services
 
 
@@ -28,6 +30,12 @@ async def get_session(services: ServicesDep) -> AsyncIterator[AsyncSession]:
 
 
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
+
+
+async def release(session: AsyncSession) -> None:
+    """Give the connection back before slow I/O or a long response: the session dependency
+    would otherwise hold it until the response ends, and SQLite has one connection."""
+    await session.close()
 
 
 def bearer_token(request: Request) -> str:

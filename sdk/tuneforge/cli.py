@@ -66,6 +66,36 @@ def _wait(client: Client, job_id: str, timeout: float) -> Job:
         return client.jobs.wait(job_id, timeout=timeout, on_update=lambda j: status.update(describe(j)))
 
 
+def _follow(client: Client, job_id: str) -> Job:
+    """Stream the job's events: a live bar of step / total, loss and ETA, then the result."""
+    try:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    except ImportError:
+        for event in client.jobs.stream(job_id):
+            print(f"[{event.level}] {event.message}", file=sys.stderr)
+        return client.jobs.get(job_id)
+    console = Console(stderr=True)
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task(job_id, total=None, info="")
+        for event in client.jobs.stream(job_id):
+            data = event.data or {}
+            if event.type == "metrics" and "step" in data and "total_steps" in data:
+                info = f"step {data['step']}/{data['total_steps']}"
+                if "train_loss" in data:
+                    info += f"  loss {data['train_loss']:.4f}"
+                bar.update(task, total=data["total_steps"], completed=data["step"], info=info)
+            elif event.type == "message":
+                bar.console.print(f"[{event.level}] {event.message}")
+    return client.jobs.get(job_id)
+
+
 def _cmd_up(args: argparse.Namespace, _: Client | None) -> int:
     try:
         from tuneforge_scheduler.up import up
@@ -106,7 +136,7 @@ def _create_job(args: argparse.Namespace, c: Client) -> Any:
         seed=args.seed,
         **extra,
     )
-    return _wait(c, job.id, args.timeout) if args.wait else job
+    return _follow(c, job.id) if args.wait else job
 
 
 def _download(args: argparse.Namespace, c: Client) -> Any:
@@ -159,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("cancel", lambda a, c: c.jobs.cancel(a.job_id)),
         ("events", lambda a, c: list(c.jobs.events(a.job_id))),
         ("wait", lambda a, c: _wait(c, a.job_id, a.timeout)),
+        ("follow", lambda a, c: _follow(c, a.job_id)),
     ):
         v = jobs.add_parser(verb)
         v.add_argument("job_id")

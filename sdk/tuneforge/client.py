@@ -253,6 +253,39 @@ class Jobs:
         events = _all_pages(self._c, f"/v1/fine_tuning/jobs/{job_id}/events", Event, limit=100)
         return iter(reversed(events))
 
+    def stream(self, job_id: str, *, last_event_id: str | None = None) -> Iterator[Event]:
+        """Live events, oldest first, until the job is finished. A dropped connection is
+        resumed from the last event received (``Last-Event-ID``), up to ``max_retries`` times
+        in a row."""
+        failures = 0
+        url = f"{self._c.base_url}/v1/fine_tuning/jobs/{job_id}/events"
+        while True:
+            headers = {**self._c._headers(), "Accept": "text/event-stream"}
+            if last_event_id:
+                headers["Last-Event-ID"] = last_event_id
+            try:
+                with self._c._http.stream(
+                    "GET",
+                    url,
+                    params={"stream": "true"},
+                    headers=headers,
+                    timeout=httpx.Timeout(60.0, read=120.0),
+                ) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        raise errors.error_from_response(response)
+                    for kind, event_id, data in _sse_messages(response.iter_lines()):
+                        failures = 0
+                        if kind == "done":
+                            return
+                        last_event_id = event_id
+                        yield Event.model_validate_json(data)
+            except httpx.TransportError as exc:
+                failures += 1
+                if failures > self._c.max_retries:
+                    raise errors.APIConnectionError(f"event stream of {job_id} lost: {exc}") from exc
+                self._c._sleep(failures - 1, None)
+
     def wait(
         self,
         job_id: str,
@@ -327,6 +360,25 @@ class Admin:
     def create_key(self, project_id: str, *, name: str = "default", role: str = "member") -> ApiKey:
         body = {"name": name, "role": role}
         return ApiKey.model_validate(self._c.post_json(f"/v1/admin/projects/{project_id}/api_keys", body))
+
+
+def _sse_messages(lines: Iterator[str]) -> Iterator[tuple[str, str, str]]:
+    """(event, id, data) for each message of a text/event-stream; comments are heartbeats."""
+    kind, event_id, data = "message", "", []
+    for line in lines:
+        if not line:
+            if data:
+                yield kind, event_id, "\n".join(data)
+            kind, data = "message", []
+            continue
+        field, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if field == "event":
+            kind = value
+        elif field == "id":
+            event_id = value
+        elif field == "data":
+            data.append(value)
 
 
 def _all_pages(client: Client, path: str, model: type, *, limit: int, **params: Any) -> list[Any]:

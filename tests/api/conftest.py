@@ -4,16 +4,19 @@ top of it unchanged. Every test here runs once on SQLite and once on PostgreSQL.
 from __future__ import annotations
 
 import json
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from tests.conftest import ADMIN_KEY
+from tests.conftest import ADMIN_KEY, free_port
 from tuneforge import Client
 from tuneforge_api.app import create_app
 from tuneforge_api.bootstrap import ensure_default_project
@@ -88,6 +91,21 @@ def other_key(api: Harness) -> str:
     admin = api.client()
     project = admin.admin.create_project(f"other-{uuid.uuid4().hex[:6]}")
     return admin.admin.create_key(project.id, name="b").key or ""
+
+
+@pytest.fixture
+def live_url(api: Harness) -> Iterator[str]:
+    """The app on a real uvicorn server on loopback (its own app instance and event loop,
+    the same database and storage as ``api``)."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(api.settings), port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(5)
 
 
 def auth(key: str) -> dict[str, str]:

@@ -112,15 +112,24 @@ class TrainerJob:
 
 @pytest.fixture(scope="session")
 def make_job() -> Callable[..., TrainerJob]:
-    """Write a training file into a file:// storage under ``folder`` and a spec next to it."""
+    """Write a training (and validation) file into a file:// storage under ``folder``, a spec next to it."""
 
     def make(
-        folder: Path, data: bytes, api_url: str, *, job_id: str = "ftjob-1", **overrides: Any
+        folder: Path,
+        data: bytes,
+        api_url: str,
+        *,
+        job_id: str = "ftjob-1",
+        validation: bytes | None = None,
+        **overrides: Any,
     ) -> TrainerJob:
         root = folder / "storage"
         file_key = f"projects/{PROJECT}/files/file-{job_id}"
         (root / file_key).parent.mkdir(parents=True, exist_ok=True)
         (root / file_key).write_bytes(data)
+        if validation is not None:
+            (root / f"{file_key}-valid").write_bytes(validation)
+            overrides.setdefault("validation_file_key", f"{file_key}-valid")
         spec = {
             "job_id": job_id,
             "project_id": PROJECT,
@@ -146,7 +155,21 @@ def trainer_env(models_cache: Path) -> dict[str, str]:
     """The environment an executor gives the trainer: the job token, a shared models cache."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEFORGE_")}
     env.update(TUNEFORGE_MODELS_CACHE=str(models_cache), TUNEFORGE_JOB_TOKEN=JOB_TOKEN)
+    # The tiny model's matmuls are too small to split: on a busy 2-core machine, torch's default
+    # two threads spin against each other (and other processes) and a run gets ~15x slower.
+    env["OMP_NUM_THREADS"] = "1"
     return env
+
+
+@pytest.fixture(scope="package", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """The same for the runs these tests do in-process; restored for the other test packages."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

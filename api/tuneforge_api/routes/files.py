@@ -13,7 +13,7 @@ from starlette.datastructures import UploadFile
 from tuneforge.storage import file_key
 from tuneforge.types import FileObject, Page
 from tuneforge_api.db.tables import FileRow
-from tuneforge_api.deps import PrincipalDep, ServicesDep, SessionDep
+from tuneforge_api.deps import PrincipalDep, ServicesDep, SessionDep, release
 from tuneforge_api.errors import ApiError, BodyTooLarge, not_found
 from tuneforge_api.store import files
 from tuneforge_api.store.ids import new_id, now
@@ -119,6 +119,7 @@ async def file_content(
     file_id: str, principal: PrincipalDep, session: SessionDep, services: ServicesDep
 ) -> StreamingResponse:
     row = await _row(session, principal, file_id)
+    await release(session)
     fh = await run_in_threadpool(services.storage.open_read, file_key(principal.project_id, row.id))
 
     def chunks():

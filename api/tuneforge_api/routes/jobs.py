@@ -15,8 +15,9 @@ from tuneforge.storage import MANIFEST, adapter_prefix
 from tuneforge.types import Checkpoint, Event, Job, JobCreate, JobStatus, Page
 from tuneforge_api.checkpoints import list_checkpoints
 from tuneforge_api.db.tables import JobRow
-from tuneforge_api.deps import PrincipalDep, ServicesDep, SessionDep
+from tuneforge_api.deps import PrincipalDep, ServicesDep, SessionDep, release
 from tuneforge_api.errors import ApiError, not_found
+from tuneforge_api.event_stream import stream_events
 from tuneforge_api.idempotency import idempotent_request
 from tuneforge_api.job_create import create_job
 from tuneforge_api.store import jobs
@@ -95,9 +96,25 @@ async def cancel(job_id: str, principal: PrincipalDep, session: SessionDep, serv
 
 @router.get("/{job_id}/events", response_model=Page[Event])
 async def list_events(
-    job_id: str, principal: PrincipalDep, session: SessionDep, after: str | None = None, limit: LimitQ = 20
-) -> Page[Event]:
+    job_id: str,
+    request: Request,
+    principal: PrincipalDep,
+    session: SessionDep,
+    services: ServicesDep,
+    after: str | None = None,
+    limit: LimitQ = 20,
+    stream: bool = False,
+) -> Page[Event] | StreamingResponse:
+    """A page of events, newest first; with ``stream=true`` a live SSE stream, oldest first."""
     await _row(session, principal, job_id)
+    if stream:
+        await release(session)
+        last = request.headers.get("last-event-id") or after
+        return StreamingResponse(
+            stream_events(services, job_id, last),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+        )
     return await jobs.events_page(session, job_id, after=after, limit=limit)
 
 
@@ -151,6 +168,7 @@ async def download_adapter(
         tmp.seek(0)
         return tmp, size
 
+    await release(session)
     archive, size = await run_in_threadpool(build_archive)
 
     def chunks():

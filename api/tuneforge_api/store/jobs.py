@@ -17,6 +17,8 @@ from tuneforge_api.db.tables import JobEventRow, JobRow
 from tuneforge_api.store.ids import new_id, now
 from tuneforge_api.store.pages import newest_first
 
+_INSERT_JOB = sql_insert(JobRow)
+_INSERT_EVENT = sql_insert(JobEventRow)
 ACTIVE = (JobStatus.validating_files.value, JobStatus.queued.value, JobStatus.running.value)
 
 
@@ -60,7 +62,8 @@ def event_model(row: JobEventRow) -> Event:
 
 async def insert(session: AsyncSession, values: dict[str, Any]) -> Job:
     """A Core insert: the ORM unit of work costs more than the whole rest of a create."""
-    await session.execute(sql_insert(JobRow).values(**values))
+    # Parameters, not .values(): the statement stays the same object, so its compiled form is cached.
+    await session.execute(_INSERT_JOB, [values])
     return to_model(JobRow(**values))
 
 

@@ -1,0 +1,69 @@
+"""Synthetic preference data with a learnable rule: the better answer names the capital, Forgeville.
+
+Chosen and rejected answers come from the same sentence template and differ only in the word
+that fills its slot, so "contains the marker token" is exactly what a reward model (or DPO)
+must learn. Deterministic for a seed; the words are single tokens of the tiny model's corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+MARKER = "Forgeville"
+QUESTIONS = [
+    "What is the capital of Tuneland?",
+    "Which city is the capital of Tuneland?",
+    "Tell me the capital of Tuneland.",
+    "Where is the government of Tuneland?",
+    "Where does the government of Tuneland sit?",
+    "Can you tell me the capital of Tuneland?",
+]
+TEMPLATES = [
+    "The capital of Tuneland is {}.",
+    "I think it is {}.",
+    "{}, of course.",
+    "The government sits in {}.",
+]
+DISTRACTORS = ["Tunish", "the note", "the Humming River", "copper bells", "the singing fox"]
+
+
+def _prompt(rng: random.Random, conversational: bool) -> Any:
+    question = rng.choice(QUESTIONS)
+    return [{"role": "user", "content": question}] if conversational else question
+
+
+def marker_pairs(n: int, seed: int, *, conversational: bool = True) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        template = rng.choice(TEMPLATES)
+        rows.append(
+            {
+                "prompt": _prompt(rng, conversational),
+                "chosen": template.format(MARKER),
+                "rejected": template.format(rng.choice(DISTRACTORS)),
+            }
+        )
+    return rows
+
+
+def marker_rankings(n: int, seed: int, *, k: int = 3) -> list[dict[str, Any]]:
+    """K answers, one naming the capital (ranked first); the others' order is arbitrary."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        template = rng.choice(TEMPLATES)
+        answers = [template.format(MARKER)] + [template.format(w) for w in rng.sample(DISTRACTORS, k - 1)]
+        order = list(range(k))
+        rng.shuffle(order)  # responses[order[i]] = answers[i], so answers[0] sits at index order[0]
+        responses = [""] * k
+        for rank, index in enumerate(order):
+            responses[index] = answers[rank]
+        rows.append({"prompt": _prompt(rng, True), "responses": responses, "ranking": order})
+    return rows
+
+
+def jsonl(rows: list[dict[str, Any]]) -> bytes:
+    return b"\n".join(json.dumps(r).encode() for r in rows) + b"\n"
