@@ -112,3 +112,15 @@ def s3_bucket(s3_endpoint: str) -> str:
     name = f"tf-test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=name)
     return name
+
+
+def drop_queue(redis_url: str, queue_name: str) -> None:
+    """Remove a test's arq queue from the shared Redis (its jobs' keys are gone already:
+    the worker keeps no results)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.delete(queue_name, f"{queue_name}:health-check")
+    finally:
+        client.close()

@@ -32,7 +32,7 @@ class Services:
             engine=engine,
             sessions=sessionmaker(engine),
             storage=open_storage(settings.resolved_storage_uri),
-            queue=TaskQueue(settings.redis_url, settings.queue_name),
+            queue=TaskQueue(settings.redis_url, settings.resolved_queue_name),
         )
 
     def base_models(self) -> dict[str, Path | None]:

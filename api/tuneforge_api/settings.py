@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from pydantic import Field, SecretStr, model_validator
@@ -28,8 +29,9 @@ class Settings(BaseSettings):
         None, description="file:///dir or s3://bucket/prefix; default is home/storage."
     )
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for the arq queue.")
-    queue_name: str = Field(
-        "tuneforge:queue", description="arq queue name, so that services can share a Redis."
+    queue_name: str | None = Field(
+        None,
+        description="arq queue name; the default is derived from home, so services never share a queue.",
     )
     public_url: str = Field(
         "http://127.0.0.1:8000", description="How trainers reach this API to report events."
@@ -49,6 +51,13 @@ class Settings(BaseSettings):
             if self.api_key.get_secret_value().lower() in PLACEHOLDER_SECRETS:
                 raise ValueError("TUNEFORGE_API_KEY is a placeholder; set a real secret in production")
         return self
+
+    @property
+    def resolved_queue_name(self) -> str:
+        if self.queue_name:
+            return self.queue_name
+        digest = hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:12]
+        return f"tuneforge:{digest}"
 
     @property
     def resolved_database_url(self) -> str:

@@ -177,6 +177,7 @@ class Scheduler:
             )
             if manifest is not None:
                 await self._succeed(row, manifest)
+                await self._release(row)
                 return
             status = RunStatus(RunState.exited, -1, "the trainer exited 0 without publishing an adapter")
         if status.exit_code == EXIT_NON_RETRIABLE:
@@ -185,12 +186,20 @@ class Scheduler:
                 row,
                 {
                     "code": str(error.get("code") or "training_failed"),
-                    "message": str(error.get("message") or "The trainer rejected the job."),
+                    "message": str(error.get("message") or status.detail or "The trainer rejected the job."),
                     "param": error.get("param"),
                 },
             )
+            await self._release(row)
             return
         await self._retry_or_fail(row, status)
+        await self._release(row)
+
+    async def _release(self, row: JobRow) -> None:
+        """The attempt's end is recorded: an executor that keeps runs listed may let this one go."""
+        release = getattr(self.executor, "release", None)
+        if release is not None:
+            await run_in_threadpool(release, run_name(row.id, row.attempt))
 
     async def _succeed(self, row: JobRow, manifest: dict) -> None:
         metrics = manifest.get("metrics") or {}
@@ -223,6 +232,9 @@ class Scheduler:
                 await session.commit()
 
     async def _retry_or_fail(self, row: JobRow, status: RunStatus) -> None:
+        if status.interrupted:
+            await self._resume_interrupted(row)
+            return
         what = f"exit code {status.exit_code}" if status.exit_code is not None else status.detail
         if row.attempt >= row.max_attempts:
             await self._fail(
@@ -248,6 +260,27 @@ class Scheduler:
                 await session.commit()
         await self.submit(row.id)
 
+    async def _resume_interrupted(self, row: JobRow) -> None:
+        """The service stopped this attempt: run another one, without charging a failure
+        (the attempt budget grows by one, so only real failures use it up)."""
+        async with self.services.sessions() as session:
+            if await jobs.transition(
+                session,
+                row.id,
+                (JobStatus.running,),
+                JobStatus.queued,
+                token_hash=None,
+                max_attempts=row.max_attempts + 1,
+            ):
+                await jobs.add_event(
+                    session,
+                    row.id,
+                    f"The service stopped during attempt {row.attempt}; resuming",
+                    data={"attempt": row.attempt},
+                )
+                await session.commit()
+        await self.submit(row.id)
+
     async def _relaunch(self, row: JobRow) -> None:
         """The attempt was recorded but never started (a crash between commit and launch)."""
         token = new_secret("tfjob")
@@ -260,6 +293,12 @@ class Scheduler:
         """Compare the DB with the executor and repair differences. Costs O(active jobs)."""
         async with self.services.sessions() as session:
             active = await jobs.active_rows(session)
+        refresh = getattr(self.executor, "refresh", None)  # one LIST per pass instead of one GET per job
+        if refresh is not None and any(row.status == JobStatus.running.value for row in active):
+            try:
+                await run_in_threadpool(refresh)
+            except Exception:  # status() falls back to asking about each run
+                log.exception("executor refresh failed")
         for row in active:
             try:
                 if row.status != JobStatus.running.value:

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 
@@ -54,7 +55,10 @@ async def serve(settings: SchedulerSettings, host: str, port: int) -> None:
 
     server_task = asyncio.create_task(server.serve())
     worker_task = asyncio.create_task(worker.async_run())
-    _say(f"Tuneforge is up on http://{host}:{port} (home {settings.home}); Ctrl-C stops it.")
+    while not server.started and not server_task.done():
+        await asyncio.sleep(0.02)
+    if server.started:
+        _say(f"Tuneforge is up on http://{host}:{port} (home {settings.home}); Ctrl-C stops it.")
     done, _ = await asyncio.wait(
         [server_task, worker_task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED
     )
@@ -69,12 +73,30 @@ async def serve(settings: SchedulerSettings, host: str, port: int) -> None:
             raise task.exception()  # type: ignore[misc]
 
 
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
 def up(host: str = "127.0.0.1", port: int = 8000) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # arq logs every cron tick at INFO (two lines a second); failures still come through.
+    logging.getLogger("arq").setLevel(logging.WARNING)
+    if not _port_free(host, port):
+        _say(f"Port {port} on {host} is in use; choose another with --port.")
+        return 2
     overrides = {}
     if "TUNEFORGE_PUBLIC_URL" not in os.environ:
         overrides["public_url"] = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     settings = SchedulerSettings(**overrides)
+    # Datasets and adapters live here: readable by this user only.
+    settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    settings.home.chmod(0o700)
     embedded: EmbeddedRedis | None = None
     if "TUNEFORGE_REDIS_URL" not in os.environ and not redis_answers("127.0.0.1", 6379):
         embedded = EmbeddedRedis(settings.home / "redis").start()

@@ -10,6 +10,7 @@ from arq import Worker, cron
 from arq.connections import RedisSettings
 
 from tuneforge_api.services import Services
+from tuneforge_scheduler.executors import Executor
 from tuneforge_scheduler.executors.local import LocalExecutor
 from tuneforge_scheduler.lifecycle import Scheduler
 from tuneforge_scheduler.settings import SchedulerSettings
@@ -18,7 +19,14 @@ log = logging.getLogger("tuneforge.scheduler")
 
 
 def build_scheduler(settings: SchedulerSettings) -> Scheduler:
-    executor = LocalExecutor(settings.home / "runs", max_concurrent=settings.local_max_jobs)
+    executor: Executor
+    if settings.executor == "kubernetes":
+        from tuneforge_scheduler.executors.kubernetes import KubernetesExecutor  # the "kubernetes" extra
+
+        models_dir = str(settings.models_dir) if settings.models_dir else None
+        executor = KubernetesExecutor(settings.kubernetes, models_dir=models_dir)
+    else:
+        executor = LocalExecutor(settings.home / "runs", max_concurrent=settings.local_max_jobs)
     return Scheduler(services=Services.build(settings), executor=executor)
 
 
@@ -53,7 +61,7 @@ def build_worker(settings: SchedulerSettings, scheduler: Scheduler | None = None
         on_startup=on_startup,
         on_shutdown=on_shutdown,
         redis_settings=redis,
-        queue_name=settings.queue_name,
+        queue_name=settings.resolved_queue_name,
         keep_result=0,  # results are not used, and a kept result would block re-enqueueing a job id
         poll_delay=0.1,
         max_jobs=16,

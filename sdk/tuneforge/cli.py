@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -13,7 +14,7 @@ from pydantic import BaseModel
 
 from tuneforge.client import Client
 from tuneforge.errors import TuneforgeError
-from tuneforge.types import Job
+from tuneforge.types import Job, MethodType
 
 
 def _print_json(obj: Any) -> None:
@@ -175,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--model", required=True)
     j.add_argument("--training-file", required=True)
     j.add_argument("--validation-file")
-    j.add_argument("--method", default="supervised")
+    j.add_argument("--method", default="supervised", choices=[m.value for m in MethodType])
     j.add_argument("--hyperparameters", help="JSON, e.g. '{\"n_epochs\": 2}'")
     j.add_argument("--suffix")
     j.add_argument("--seed", type=int)
@@ -220,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if hasattr(signal, "SIGPIPE"):  # `tuneforge jobs list | head` ends quietly, as other CLIs do
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = build_parser().parse_args(argv)
     if not getattr(args, "needs_client", True):
         return args.run(args, None)

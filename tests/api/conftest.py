@@ -16,7 +16,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from tests.conftest import ADMIN_KEY, free_port
+from tests.conftest import ADMIN_KEY, drop_queue, free_port
 from tuneforge import Client
 from tuneforge_api.app import create_app
 from tuneforge_api.bootstrap import ensure_default_project
@@ -83,6 +83,7 @@ def api(tmp_path: Path, database_url: str, redis_url: str) -> Iterator[Harness]:
     with TestClient(app) as http:
         http.portal.call(ensure_default_project, app.state.services)
         yield Harness(app, http, settings)
+    drop_queue(redis_url, settings.resolved_queue_name)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_KEY, free_port
+from tests.conftest import ADMIN_KEY, drop_queue, free_port
 from tuneforge import Client
 
 TUNEFORGE = str(Path(sys.executable).parent / "tuneforge")
@@ -101,17 +101,18 @@ def stop_service(service: Service, timeout: float = 30) -> int:
 def service(
     tmp_path_factory: pytest.TempPathFactory, redis_url: str, models_cache: Path
 ) -> Iterator[Service]:
-    svc = start_service(
-        tmp_path_factory.mktemp("home"), redis_url, models_cache, f"tf-e2e:{uuid.uuid4().hex}"
-    )
+    queue = f"tf-e2e:{uuid.uuid4().hex}"
+    svc = start_service(tmp_path_factory.mktemp("home"), redis_url, models_cache, queue)
     yield svc
     code = stop_service(svc)
+    drop_queue(redis_url, queue)
     assert code == 0, svc.output()
-    assert trainer_pids() == [], "Ctrl-C left trainer processes behind"
+    assert trainer_pids(str(svc.home)) == [], "Ctrl-C left trainer processes behind"
 
 
-def trainer_pids(job_id: str = "", *, python_only: bool = False) -> list[int]:
-    """Live trainer processes (optionally of one job), found by their command lines; with
+def trainer_pids(job_id: str, *, python_only: bool = False) -> list[int]:
+    """Live trainer processes whose command line contains ``job_id`` (a job id, or a
+    service's home folder, which every run's spec path lies under); with
     ``python_only`` the trainer itself, without the shell wrapper that records its exit code."""
     pids = []
     for proc in Path("/proc").iterdir():

@@ -145,7 +145,8 @@ def test_restart_of_the_whole_service_loses_no_job(
         done = second.client().jobs.wait(job.id, timeout=600, poll_interval=0.5)
         messages = [e.message for e in second.client().jobs.events(job.id)]
         assert done.status == JobStatus.succeeded, messages
-        assert "Attempt 2 started" in messages
+        assert "The service stopped during attempt 1; resuming" in messages
+        assert "Attempt 2 started" in messages and not any("failed" in m for m in messages)
     finally:
         assert stop_service(second) == 0
 

@@ -138,3 +138,20 @@ def test_embedded_redis_starts_answers_and_stops(tmp_path: Path) -> None:
     assert redis_answers("127.0.0.1", server.port) and server.url.endswith(f":{server.port}/0")
     server.stop()
     assert not redis_answers("127.0.0.1", server.port)
+
+
+def test_shutdown_marks_runs_interrupted(tmp_path: Path) -> None:
+    """A run the service stopped is reported as interrupted, so its job is not charged a
+    failed attempt; a run that died on its own is not."""
+    ex = LocalExecutor(tmp_path, command=python("import time; time.sleep(60)"), max_concurrent=2)
+    ex.submit("stopped-a1", SPEC, {})
+    ex.shutdown()
+    status = LocalExecutor(tmp_path).status("stopped-a1")
+    assert status.state == RunState.lost and status.interrupted
+    crashed = LocalExecutor(tmp_path, command=python("import sys; sys.exit(1)"))
+    crashed.submit("crashed-a1", SPEC, {})
+    wait_for(lambda: crashed.status("crashed-a1").state == RunState.exited)
+    assert not crashed.status("crashed-a1").interrupted
+    crashed.submit("stopped-a1", SPEC, {})  # a resubmitted run starts unmarked
+    wait_for(lambda: crashed.status("stopped-a1").state == RunState.exited)
+    assert not crashed.status("stopped-a1").interrupted

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tarfile
 import tempfile
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Query, Request
@@ -162,6 +163,7 @@ async def download_adapter(
             for key in storage.list(prefix):
                 info = tarfile.TarInfo(key[len(prefix) :])
                 info.size = storage.size(key)
+                info.mtime = int(time.time())
                 with storage.open_read(key) as fh:
                     tar.addfile(info, fh)
         size = tmp.tell()

@@ -25,7 +25,11 @@ class RunState(str, Enum):
 class RunStatus:
     state: RunState
     exit_code: int | None = None
+    # Why it ended, or, while running, why it is not making progress ("Waiting for quota ...",
+    # "Unschedulable ..."): stable text, so a caller can report it whenever it changes.
     detail: str = ""
+    # Stopped by us (the service shut down), not by a fault: the attempt is not charged.
+    interrupted: bool = False
 
 
 class Executor(Protocol):
@@ -35,3 +39,16 @@ class Executor(Protocol):
     def status(self, name: str) -> RunStatus: ...
     def cancel(self, name: str) -> None: ...
     def shutdown(self) -> None: ...
+
+
+class BatchingExecutor(Executor, Protocol):
+    """Optional hooks; the scheduler calls them only when an executor has them.
+
+    - ``refresh()`` runs once at the start of each reconcile pass, so that an executor can fetch
+      the state of all its runs at once (one LIST) and answer ``status`` from that.
+    - ``release(name)`` runs once the scheduler has recorded how a run ended; the executor may
+      forget it (stop listing it, let it be cleaned up).
+    """
+
+    def refresh(self) -> None: ...
+    def release(self, name: str) -> None: ...

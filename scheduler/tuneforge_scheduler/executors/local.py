@@ -19,6 +19,7 @@ from tuneforge.types import JobSpec
 from tuneforge_scheduler.executors.base import RunState, RunStatus
 
 TERM_GRACE_S = 3.0
+INTERRUPTED = "interrupted"  # marker: the service stopped this run
 
 
 class LocalExecutor:
@@ -38,7 +39,7 @@ class LocalExecutor:
             return
         run = self._dir(name)
         run.mkdir(parents=True, exist_ok=True)
-        for stale in ("exit_code", "pid"):
+        for stale in ("exit_code", "pid", INTERRUPTED):
             (run / stale).unlink(missing_ok=True)
         _write_atomic(run / "spec.json", spec.model_dump_json(indent=2))
         trainer = shlex.join([*self.command, "--spec", str(run / "spec.json")])
@@ -67,8 +68,9 @@ class LocalExecutor:
         if child is not None:
             child.poll()  # reap, so a finished child is not a zombie that looks alive
         code = _read_int(run / "exit_code")
+        interrupted = (run / INTERRUPTED).exists()
         if code is not None:
-            return RunStatus(RunState.exited, code)
+            return RunStatus(RunState.exited, code, interrupted=interrupted and code != 0)
         pid = _read_int(run / "pid")
         if pid is None:
             return RunStatus(RunState.missing)
@@ -78,7 +80,9 @@ class LocalExecutor:
             return RunStatus(RunState.running)
         code = _read_int(run / "exit_code")  # it may have written the code just now
         if code is not None:
-            return RunStatus(RunState.exited, code)
+            return RunStatus(RunState.exited, code, interrupted=interrupted and code != 0)
+        if interrupted:
+            return RunStatus(RunState.lost, detail="the service stopped", interrupted=True)
         return RunStatus(RunState.lost, detail="the trainer process ended without an exit code")
 
     def cancel(self, name: str) -> None:
@@ -99,8 +103,10 @@ class LocalExecutor:
         self._children.pop(name, None)
 
     def shutdown(self) -> None:
-        """Stop every run this process started; their jobs resume as new attempts later."""
+        """Stop every run this process started. Each is marked as interrupted first, so its
+        job resumes later without the stop counting as one of its failed attempts."""
         for name in list(self._children):
+            (self._dir(name) / INTERRUPTED).touch()
             self.cancel(name)
 
     def log_tail(self, name: str, max_bytes: int = 4000) -> str:
