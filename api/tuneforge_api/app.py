@@ -12,6 +12,7 @@ from tuneforge_api.bootstrap import ensure_default_project
 from tuneforge_api.db.engine import migrate
 from tuneforge_api.errors import install_handlers
 from tuneforge_api.limits import BodySizeLimit
+from tuneforge_api.request_id import RequestId
 from tuneforge_api.routes import admin, files, health, internal, jobs, models
 from tuneforge_api.services import Services
 from tuneforge_api.settings import Settings
@@ -45,4 +46,5 @@ def create_app(
     for module in (files, jobs, models, admin, internal, health):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, upload_limit=settings.max_upload_bytes)
+    app.add_middleware(RequestId)  # outermost: even a 413 from the size limit carries an id
     return app

@@ -1,7 +1,9 @@
 """Tuneforge SDK: ``from tuneforge import Client``."""
 
+from tuneforge.async_client import AsyncClient
 from tuneforge.client import Client
 from tuneforge.errors import (
+    AdapterIntegrityError,
     APIConnectionError,
     APIError,
     APIStatusError,
@@ -19,6 +21,7 @@ from tuneforge.errors import (
     UnprocessableEntityError,
 )
 from tuneforge.types import (
+    Checkpoint,
     Event,
     FileObject,
     Hyperparameters,
@@ -38,11 +41,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "APIConnectionError",
+    "AdapterIntegrityError",
+    "AsyncClient",
     "APIError",
     "APIStatusError",
     "APITimeoutError",
     "AuthenticationError",
     "BadRequestError",
+    "Checkpoint",
     "Client",
     "ConflictError",
     "Event",

@@ -1,39 +1,50 @@
-"""A small synchronous client: ``Client(...).files / .jobs / .adapters / .models / .admin``."""
+"""The synchronous client: ``Client(...).files / .jobs / .adapters / .models / .admin``.
+``AsyncClient`` (async_client.py) has the same surface."""
 
 from __future__ import annotations
 
 import io
 import os
-import random
-import tarfile
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import httpx
 
 from tuneforge import errors
+from tuneforge._shared import (
+    Call,
+    Calls,
+    SseParser,
+    headers,
+    is_retriable,
+    job_body,
+    retry_delay,
+    unpack_verified,
+)
 from tuneforge.types import (
     ApiKey,
+    Checkpoint,
     Event,
     FileObject,
-    Hyperparameters,
     Job,
     JobCreate,
     Method,
-    MethodType,
     Model,
     Page,
     Project,
 )
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
-RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
 Progress = Callable[[int, int], None]
+
+
+def _config(base_url: str | None, api_key: str | None) -> tuple[str, str]:
+    url = (base_url or os.environ.get("TUNEFORGE_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+    return url, api_key if api_key is not None else os.environ.get("TUNEFORGE_API_KEY", "")
 
 
 class Client:
@@ -41,8 +52,8 @@ class Client:
 
     ``base_url`` and ``api_key`` default to ``TUNEFORGE_BASE_URL`` and ``TUNEFORGE_API_KEY``.
     Requests that fail with 408, 429 or >= 500, or without a response, are retried
-    ``max_retries`` times with jittered backoff; POSTs carry an ``Idempotency-Key`` that
-    stays the same across those retries.
+    ``max_retries`` times with jittered backoff (honouring ``Retry-After``); a POST keeps one
+    ``Idempotency-Key`` across those retries, so a retried create never makes two jobs.
     """
 
     def __init__(
@@ -54,8 +65,7 @@ class Client:
         max_retries: int = 2,
         http_client: httpx.Client | None = None,
     ) -> None:
-        self.base_url = (base_url or os.environ.get("TUNEFORGE_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
-        self.api_key = api_key if api_key is not None else os.environ.get("TUNEFORGE_API_KEY", "")
+        self.base_url, self.api_key = _config(base_url, api_key)
         self.max_retries = max_retries
         self._http = http_client or httpx.Client(timeout=timeout)
         self.files = Files(self)
@@ -83,22 +93,12 @@ class Client:
         **extra: Any,
     ) -> Job:
         """Shorthand: ``method="supervised"`` plus ``hyperparameters`` builds OpenAI's method object."""
-        if isinstance(method, str):
-            kind = MethodType(method)
-            method = Method.model_validate(
-                {"type": kind, kind.value: {"hyperparameters": Hyperparameters(**(hyperparameters or {}))}}
-            )
-        elif hyperparameters is not None:
-            raise ValueError("pass hyperparameters inside the method object, or method as a string")
-        body = JobCreate.model_validate(
-            {"model": model, "training_file": training_file, "method": method, **extra}
-        )
-        return self.jobs.create(body)
+        return self.jobs.create(job_body(model, training_file, method, hyperparameters, extra))
 
     # -- transport ---------------------------------------------------------------------
 
     def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        return headers(self.api_key, "GET")
 
     def request(
         self,
@@ -111,55 +111,56 @@ class Client:
         data: Any = None,
         rewind: Callable[[], None] | None = None,
     ) -> httpx.Response:
-        headers = self._headers()
-        if method == "POST":
-            headers["Idempotency-Key"] = uuid.uuid4().hex
-        url = self.base_url + path
+        sent = headers(self.api_key, method)  # one Idempotency-Key for every retry of this request
         for attempt in range(self.max_retries + 1):
             last = attempt == self.max_retries
             if rewind is not None:
                 rewind()
             try:
                 response = self._http.request(
-                    method, url, json=json, params=params, files=files, data=data, headers=headers
+                    method,
+                    self.base_url + path,
+                    json=json,
+                    params=params,
+                    files=files,
+                    data=data,
+                    headers=sent,
                 )
             except httpx.TimeoutException as exc:
                 if last:
                     raise errors.APITimeoutError() from exc
-                self._sleep(attempt, None)
+                time.sleep(retry_delay(attempt, None))
                 continue
             except httpx.TransportError as exc:
                 if last:
                     raise errors.APIConnectionError(f"cannot reach {self.base_url}: {exc}") from exc
-                self._sleep(attempt, None)
+                time.sleep(retry_delay(attempt, None))
                 continue
             if response.status_code < 400:
                 return response
-            should_retry = response.headers.get("x-should-retry")
-            retriable = response.status_code in RETRY_STATUSES and should_retry != "false"
-            if retriable and not last:
-                self._sleep(attempt, response)
+            if is_retriable(response) and not last:
+                time.sleep(retry_delay(attempt, response))
                 continue
             raise errors.error_from_response(response)
         raise AssertionError("unreachable")
 
-    @staticmethod
-    def _sleep(attempt: int, response: httpx.Response | None) -> None:
-        delay = min(8.0, 0.5 * 2**attempt) * (0.75 + random.random() / 2)
-        retry_after = response.headers.get("retry-after") if response is not None else None
-        if retry_after:
-            try:
-                delay = float(retry_after)
-            except ValueError:
-                try:
-                    delay = max(0.0, parsedate_to_datetime(retry_after).timestamp() - time.time())
-                except (TypeError, ValueError):
-                    pass
-        time.sleep(min(delay, 60.0))
+    def call(self, call: Call) -> Any:
+        response = self.request(call.method, call.path, json=call.json, params=call.query())
+        return call.parse(response.json())
 
+    def pages(self, make: Callable[[str | None], Call]) -> Iterator[Any]:
+        """Every item of a newest-first list, walking ``after`` cursors page by page."""
+        after: str | None = None
+        while True:
+            page: Page[Any] = self.call(make(after))
+            yield from page.data
+            if not page.has_more or not page.data:
+                return
+            after = page.data[-1].id
+
+    # Kept for callers of the first release.
     def get_json(self, path: str, **params: Any) -> Any:
-        clean = {k: v for k, v in params.items() if v is not None}
-        return self.request("GET", path, params=clean).json()
+        return self.request("GET", path, params={k: v for k, v in params.items() if v is not None}).json()
 
     def post_json(self, path: str, body: Any = None) -> Any:
         return self.request("POST", path, json=body).json()
@@ -194,9 +195,8 @@ class Files:
         self, path: str | os.PathLike[str], *, purpose: str = "fine-tune", on_progress: Progress | None = None
     ) -> FileObject:
         p = Path(path)
-        total = p.stat().st_size
         with open(p, "rb") as fh:
-            reader = _ProgressReader(fh, total, on_progress)
+            reader = _ProgressReader(fh, p.stat().st_size, on_progress)
             response = self._c.request(
                 "POST",
                 "/v1/files",
@@ -207,16 +207,16 @@ class Files:
         return FileObject.model_validate(response.json())
 
     def get(self, file_id: str) -> FileObject:
-        return FileObject.model_validate(self._c.get_json(f"/v1/files/{file_id}"))
+        return self._c.call(Calls.get_file(file_id))
 
     def list(self, *, purpose: str | None = None, limit: int = 100) -> list[FileObject]:
-        return _all_pages(self._c, "/v1/files", FileObject, limit=limit, purpose=purpose)
+        return list(self._c.pages(lambda after: Calls.list_files(limit=limit, after=after, purpose=purpose)))
 
     def content(self, file_id: str) -> bytes:
         return self._c.request("GET", f"/v1/files/{file_id}/content").content
 
     def delete(self, file_id: str) -> bool:
-        return bool(self._c.request("DELETE", f"/v1/files/{file_id}").json().get("deleted"))
+        return self._c.call(Calls.delete_file(file_id))
 
 
 class Jobs:
@@ -224,34 +224,32 @@ class Jobs:
         self._c = client
 
     def create(self, body: JobCreate | dict[str, Any]) -> Job:
-        if isinstance(body, JobCreate):
-            payload = body.model_dump(mode="json", exclude_unset=True)
-        else:
-            payload = body
-        return Job.model_validate(self._c.post_json("/v1/fine_tuning/jobs", payload))
+        return self._c.call(Calls.create_job(body))
 
     def get(self, job_id: str) -> Job:
-        return Job.model_validate(self._c.get_json(f"/v1/fine_tuning/jobs/{job_id}"))
+        return self._c.call(Calls.get_job(job_id))
 
     def list(self, *, limit: int = 20, after: str | None = None) -> Page[Job]:
-        raw = self._c.get_json("/v1/fine_tuning/jobs", limit=limit, after=after)
-        return Page[Job].model_validate(raw)
+        return self._c.call(Calls.list_jobs(limit=limit, after=after))
 
     def list_all(self) -> list[Job]:
-        return _all_pages(self._c, "/v1/fine_tuning/jobs", Job, limit=100)
+        return list(self._c.pages(lambda after: Calls.list_jobs(limit=100, after=after)))
 
     def cancel(self, job_id: str) -> Job:
-        return Job.model_validate(self._c.post_json(f"/v1/fine_tuning/jobs/{job_id}/cancel"))
+        return self._c.call(Calls.cancel_job(job_id))
 
     def list_events(self, job_id: str, *, limit: int = 20, after: str | None = None) -> Page[Event]:
         """One page of events, newest first (OpenAI's order)."""
-        raw = self._c.get_json(f"/v1/fine_tuning/jobs/{job_id}/events", limit=limit, after=after)
-        return Page[Event].model_validate(raw)
+        return self._c.call(Calls.list_events(job_id, limit=limit, after=after))
 
     def events(self, job_id: str) -> Iterator[Event]:
         """Every event of the job, oldest first (the server pages newest first)."""
-        events = _all_pages(self._c, f"/v1/fine_tuning/jobs/{job_id}/events", Event, limit=100)
+        events = list(self._c.pages(lambda after: Calls.list_events(job_id, limit=100, after=after)))
         return iter(reversed(events))
+
+    def checkpoints(self, job_id: str) -> list[Checkpoint]:
+        """Every complete checkpoint, newest first."""
+        return list(self._c.pages(lambda after: Calls.list_checkpoints(job_id, limit=100, after=after)))
 
     def stream(self, job_id: str, *, last_event_id: str | None = None) -> Iterator[Event]:
         """Live events, oldest first, until the job is finished. A dropped connection is
@@ -260,22 +258,26 @@ class Jobs:
         failures = 0
         url = f"{self._c.base_url}/v1/fine_tuning/jobs/{job_id}/events"
         while True:
-            headers = {**self._c._headers(), "Accept": "text/event-stream"}
+            sent = {**self._c._headers(), "Accept": "text/event-stream"}
             if last_event_id:
-                headers["Last-Event-ID"] = last_event_id
+                sent["Last-Event-ID"] = last_event_id
             try:
                 with self._c._http.stream(
                     "GET",
                     url,
                     params={"stream": "true"},
-                    headers=headers,
+                    headers=sent,
                     timeout=httpx.Timeout(60.0, read=120.0),
                 ) as response:
                     if response.status_code >= 400:
                         response.read()
                         raise errors.error_from_response(response)
-                    for kind, event_id, data in _sse_messages(response.iter_lines()):
+                    parser = SseParser()
+                    for line in response.iter_lines():
+                        if (message := parser.feed(line)) is None:
+                            continue
                         failures = 0
+                        kind, event_id, data = message
                         if kind == "done":
                             return
                         last_event_id = event_id
@@ -284,7 +286,7 @@ class Jobs:
                 failures += 1
                 if failures > self._c.max_retries:
                     raise errors.APIConnectionError(f"event stream of {job_id} lost: {exc}") from exc
-                self._c._sleep(failures - 1, None)
+                time.sleep(retry_delay(failures - 1, None))
 
     def wait(
         self,
@@ -314,27 +316,27 @@ class Adapters:
     def download(
         self, job_id: str, dest: str | os.PathLike[str], *, on_progress: Progress | None = None
     ) -> Path:
-        """Download a succeeded job's adapter bundle and unpack it into ``dest``."""
-        dest_path = Path(dest)
+        """Download a succeeded job's adapter bundle into ``dest``, after checking every file
+        against the sha256 in its manifest (AdapterIntegrityError otherwise)."""
         url = f"{self._c.base_url}/v1/fine_tuning/jobs/{job_id}/adapter"
-        with tempfile.TemporaryFile() as tmp:
+        with tempfile.TemporaryDirectory() as tmp:
+            archive = Path(tmp) / f"{uuid.uuid4().hex}.tar"
             try:
-                with self._c._http.stream("GET", url, headers=self._c._headers()) as response:
+                with (
+                    self._c._http.stream("GET", url, headers=self._c._headers()) as response,
+                    open(archive, "wb") as out,
+                ):
                     if response.status_code >= 400:
                         response.read()
                         raise errors.error_from_response(response)
                     total = int(response.headers.get("content-length") or 0)
                     for chunk in response.iter_bytes():
-                        tmp.write(chunk)
+                        out.write(chunk)
                         if on_progress:
-                            on_progress(tmp.tell(), total)
+                            on_progress(out.tell(), total)
             except httpx.TransportError as exc:
                 raise errors.APIConnectionError(f"download of {job_id} failed: {exc}") from exc
-            tmp.seek(0)
-            dest_path.mkdir(parents=True, exist_ok=True)
-            with tarfile.open(fileobj=tmp, mode="r:*") as tar:
-                tar.extractall(dest_path, filter="data")
-        return dest_path
+            return unpack_verified(archive, Path(dest))
 
 
 class Models:
@@ -342,7 +344,7 @@ class Models:
         self._c = client
 
     def list(self) -> list[Model]:
-        return [Model.model_validate(m) for m in self._c.get_json("/v1/models")["data"]]
+        return self._c.call(Calls.list_models())
 
 
 class Admin:
@@ -352,42 +354,10 @@ class Admin:
         self._c = client
 
     def create_project(self, name: str) -> Project:
-        return Project.model_validate(self._c.post_json("/v1/admin/projects", {"name": name}))
+        return self._c.call(Calls.create_project(name))
 
     def list_projects(self) -> list[Project]:
-        return [Project.model_validate(p) for p in self._c.get_json("/v1/admin/projects")["data"]]
+        return self._c.call(Calls.list_projects())
 
     def create_key(self, project_id: str, *, name: str = "default", role: str = "member") -> ApiKey:
-        body = {"name": name, "role": role}
-        return ApiKey.model_validate(self._c.post_json(f"/v1/admin/projects/{project_id}/api_keys", body))
-
-
-def _sse_messages(lines: Iterator[str]) -> Iterator[tuple[str, str, str]]:
-    """(event, id, data) for each message of a text/event-stream; comments are heartbeats."""
-    kind, event_id, data = "message", "", []
-    for line in lines:
-        if not line:
-            if data:
-                yield kind, event_id, "\n".join(data)
-            kind, data = "message", []
-            continue
-        field, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if field == "event":
-            kind = value
-        elif field == "id":
-            event_id = value
-        elif field == "data":
-            data.append(value)
-
-
-def _all_pages(client: Client, path: str, model: type, *, limit: int, **params: Any) -> list[Any]:
-    items: list[Any] = []
-    after: str | None = None
-    while True:
-        raw = client.get_json(path, limit=limit, after=after, **params)
-        page = Page[model].model_validate(raw)  # type: ignore[valid-type]
-        items.extend(page.data)
-        if not page.has_more or not page.data:
-            return items
-        after = page.data[-1].id
+        return self._c.call(Calls.create_key(project_id, name=name, role=role))

@@ -14,7 +14,8 @@
     │       ├── UnprocessableEntityError  422
     │       ├── RateLimitError            429
     │       └── InternalServerError       >= 500
-    └── JobTimeoutError               jobs.wait() ran out of time
+    ├── JobTimeoutError               jobs.wait() ran out of time
+    └── AdapterIntegrityError         a downloaded file does not match its manifest
 
 The server answers errors as ``{"error": {"code", "message", "param", "type"}}``.
 """
@@ -66,10 +67,12 @@ class APIStatusError(APIError):
         super().__init__(message, **kw)
         self.response = response
         self.status_code = response.status_code
+        self.request_id: str | None = response.headers.get("x-request-id")
 
     def __str__(self) -> str:
         code = f" {self.code}" if self.code else ""
-        return f"{self.status_code}{code}: {self.message}"
+        request = f" (request {self.request_id})" if self.request_id else ""
+        return f"{self.status_code}{code}: {self.message}{request}"
 
 
 class BadRequestError(APIStatusError):
@@ -109,6 +112,10 @@ class InternalServerError(APIStatusError):
 
 
 class JobTimeoutError(TuneforgeError):
+    pass
+
+
+class AdapterIntegrityError(TuneforgeError):
     pass
 
 

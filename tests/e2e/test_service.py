@@ -179,3 +179,20 @@ def test_sft_with_s3_storage(tmp_path: Path, redis_url: str, models_cache: Path,
         assert (out / "adapter_model.safetensors").is_file()
     finally:
         assert stop_service(svc) == 0
+
+
+async def test_async_client_end_to_end(service: Service, tmp_path: Path) -> None:
+    from tuneforge import AsyncClient
+
+    async with AsyncClient(base_url=service.url, api_key=service.client().api_key) as client:
+        f = await client.files.upload(DATA)
+        job = await client.create_job(
+            model=TINY, training_file=f.id, hyperparameters={"n_epochs": 1, "batch_size": 8}
+        )
+        streamed = [e async for e in client.jobs.stream(job.id)]
+        assert streamed[0].message == f"Created fine-tuning job {job.id}"
+        assert [e.id for e in streamed] == [e.id for e in await client.jobs.events(job.id)]
+        done = await client.jobs.get(job.id)
+        assert done.status == JobStatus.succeeded, [e.message for e in streamed]
+        out = await client.adapters.download(job.id, tmp_path / "adapter")
+        assert (out / "manifest.json").is_file()

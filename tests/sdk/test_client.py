@@ -3,6 +3,7 @@ with backoff and Retry-After, and one Idempotency-Key per logical request."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from fastapi.responses import JSONResponse
 from tests.conftest import free_port
 from tuneforge import (
     APIConnectionError,
+    AsyncClient,
     BadRequestError,
     Client,
     ConflictError,
@@ -40,7 +42,10 @@ def server() -> Iterator[tuple[str, Script]]:
 
     @app.api_route("/v1/{path:path}", methods=["GET", "POST"])
     async def any_route(path: str, request: Request) -> JSONResponse:
-        script.seen.append({"path": path, "method": request.method, "headers": dict(request.headers)})
+        body = await request.body()
+        script.seen.append(
+            {"path": path, "method": request.method, "headers": dict(request.headers), "body": body}
+        )
         status, body, headers = script.answers.pop(0) if script.answers else (200, {"id": "x"}, {})
         return JSONResponse(body, status, headers=headers)
 
@@ -124,24 +129,68 @@ def test_connection_error() -> None:
 
 def test_create_job_builds_openai_method_object(server) -> None:
     url, script = server
-    captured = {}
-
-    class Capture(Client):
-        def post_json(self, path, body=None):
-            captured.update(body)
-            return {
+    script.answers = [
+        (
+            200,
+            {
                 "id": "ftjob-1",
                 "created_at": 1,
                 "model": "m",
                 "organization_id": "p",
                 "status": "queued",
                 "training_file": "f",
-            }
-
-    job = Capture(base_url=url, api_key="k").create_job(
+            },
+            {},
+        )
+    ]
+    job = Client(base_url=url, api_key="k").create_job(
         model="m", training_file="f", method="supervised", hyperparameters={"n_epochs": 2}
     )
     assert job.id == "ftjob-1"
+    sent = json.loads(script.seen[0]["body"])
     # Only what the caller set travels; the server resolves the rest ("auto").
-    assert captured["method"] == {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}}
-    assert set(captured) == {"model", "training_file", "method"}
+    assert sent == {
+        "model": "m",
+        "training_file": "f",
+        "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}},
+    }
+
+
+def test_errors_carry_the_request_id(server) -> None:
+    url, script = server
+    script.answers = [(404, err("gone"), {"x-request-id": "req_abc"})]
+    with pytest.raises(NotFoundError) as exc:
+        Client(base_url=url, api_key="k").jobs.get("j")
+    assert exc.value.request_id == "req_abc" and "req_abc" in str(exc.value)
+
+
+async def test_async_client_same_behaviour(server) -> None:
+    url, script = server
+    script.answers = [
+        (503, err("busy"), {}),
+        (
+            200,
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": "file-1",
+                        "object": "file",
+                        "bytes": 1,
+                        "created_at": 1,
+                        "filename": "a",
+                        "purpose": "fine-tune",
+                    }
+                ],
+                "has_more": False,
+            },
+            {},
+        ),
+        (404, err("nope"), {"x-request-id": "req_1"}),
+    ]
+    async with AsyncClient(base_url=url, api_key="k") as client:
+        files = await client.files.list()
+        assert [f.id for f in files] == ["file-1"]
+        with pytest.raises(NotFoundError) as exc:
+            await client.jobs.get("j")
+    assert exc.value.request_id == "req_1" and len(script.seen) == 3
