@@ -124,3 +124,45 @@ def drop_queue(redis_url: str, queue_name: str) -> None:
         client.delete(queue_name, f"{queue_name}:health-check")
     finally:
         client.close()
+
+
+class Receiver:
+    """A real HTTP endpoint on loopback that records what it receives."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        self.status_code = 200
+        self.url = ""
+
+
+@pytest.fixture
+def webhook_receiver() -> Iterator[Receiver]:
+    import threading
+    import time
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    receiver = Receiver()
+
+    async def hook(request: Request) -> Response:
+        receiver.received.append((dict(request.headers), await request.body()))
+        return Response(status_code=receiver.status_code)
+
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            Starlette(routes=[Route("/hook", hook, methods=["POST"])]), port=port, log_level="error"
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    receiver.url = f"http://127.0.0.1:{port}/hook"
+    yield receiver
+    server.should_exit = True
+    thread.join(5)

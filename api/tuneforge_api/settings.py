@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     )
     max_upload_bytes: int = Field(512 * 1024 * 1024, description="Largest accepted upload.", gt=0)
     max_attempts: int = Field(3, description="Trainer attempts per job before it fails.", ge=1, le=20)
+    webhooks_allow_private: bool = Field(
+        False, description="Let webhooks call loopback and private addresses (off: SSRF protection)."
+    )
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> Settings:

@@ -6,10 +6,12 @@ import json
 import logging
 from typing import Any
 
+import httpx
 from arq import Worker, cron
 from arq.connections import RedisSettings
 
 from tuneforge_api.services import Services
+from tuneforge_scheduler import webhook_delivery
 from tuneforge_scheduler.executors import Executor
 from tuneforge_scheduler.executors.local import LocalExecutor
 from tuneforge_scheduler.lifecycle import Scheduler
@@ -42,22 +44,35 @@ async def reconcile(ctx: dict[str, Any]) -> None:
     await ctx["scheduler"].reconcile()
 
 
+async def deliver_webhook(ctx: dict[str, Any], delivery_id: str) -> None:
+    await webhook_delivery.deliver(ctx["scheduler"].services, ctx["webhook_http"], delivery_id)
+
+
+async def dispatch_webhooks(ctx: dict[str, Any]) -> None:
+    await webhook_delivery.enqueue_due(ctx["scheduler"].services, ctx["redis"])
+
+
 def build_worker(settings: SchedulerSettings, scheduler: Scheduler | None = None, **overrides: Any) -> Worker:
     """A worker bound to one scheduler; ``overrides`` go to ``arq.Worker`` (tests use burst=True)."""
     scheduler = scheduler or build_scheduler(settings)
 
     async def on_startup(ctx: dict[str, Any]) -> None:
         ctx["scheduler"] = scheduler
+        ctx["webhook_http"] = httpx.AsyncClient(headers={"user-agent": "tuneforge-webhooks"})
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
+        await ctx["webhook_http"].aclose()
         scheduler.executor.shutdown()
         await scheduler.services.close()
 
     every = settings.reconcile_every_s
     redis = RedisSettings.from_dsn(settings.redis_url)
     options: dict[str, Any] = dict(
-        functions=[submit_job, cancel_job],
-        cron_jobs=[cron(reconcile, second=set(range(0, 60, every)), run_at_startup=True, timeout=120)],
+        functions=[submit_job, cancel_job, deliver_webhook],
+        cron_jobs=[
+            cron(reconcile, second=set(range(0, 60, every)), run_at_startup=True, timeout=120),
+            cron(dispatch_webhooks, second=set(range(0, 60, every)), run_at_startup=True, timeout=60),
+        ],
         on_startup=on_startup,
         on_shutdown=on_shutdown,
         redis_settings=redis,

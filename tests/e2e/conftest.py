@@ -102,7 +102,14 @@ def service(
     tmp_path_factory: pytest.TempPathFactory, redis_url: str, models_cache: Path
 ) -> Iterator[Service]:
     queue = f"tf-e2e:{uuid.uuid4().hex}"
-    svc = start_service(tmp_path_factory.mktemp("home"), redis_url, models_cache, queue)
+    # Loopback webhooks allowed: the tests' receivers listen on 127.0.0.1.
+    svc = start_service(
+        tmp_path_factory.mktemp("home"),
+        redis_url,
+        models_cache,
+        queue,
+        extra_env={"TUNEFORGE_WEBHOOKS_ALLOW_PRIVATE": "true"},
+    )
     yield svc
     code = stop_service(svc)
     drop_queue(redis_url, queue)

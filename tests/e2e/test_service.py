@@ -37,8 +37,11 @@ def greedy(model, tokenizer, messages, n: int = 12) -> str:
     return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def test_sft_end_to_end(service: Service, models_cache: Path, tmp_path: Path) -> None:
+def test_sft_end_to_end(service: Service, models_cache: Path, tmp_path: Path, webhook_receiver) -> None:
     client = service.client()
+    hook = client._http.post(
+        f"{service.url}/v1/webhooks", json={"url": webhook_receiver.url}, headers=client._headers()
+    ).json()
     f = client.files.upload(DATA)
     job = client.create_job(
         model=TINY,
@@ -57,6 +60,14 @@ def test_sft_end_to_end(service: Service, models_cache: Path, tmp_path: Path) ->
     assert len(losses) >= 3 and losses[-1] < losses[0], losses
     assert events[-1].message == "The job has successfully completed"
     assert job.fine_tuned_model in [m.id for m in client.models.list()]
+
+    # The scheduler delivered a signed webhook that the openai package verifies.
+    import openai
+
+    wait_until(lambda: webhook_receiver.received, 15, "no webhook arrived")
+    [(headers, body)] = webhook_receiver.received
+    event = openai.OpenAI(api_key="unused").webhooks.unwrap(body, headers, secret=hook["secret"])
+    assert event.type == "fine_tuning.job.succeeded" and event.data.id == job.id
 
     out = client.adapters.download(job.id, tmp_path / "adapter")
     names = {p.name for p in out.iterdir()}

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from tuneforge.types import ErrorInfo, Event, Job, JobStatus, Page
 from tuneforge_api.db.tables import JobEventRow, JobRow
+from tuneforge_api.store import webhooks
 from tuneforge_api.store.ids import new_id, now
 from tuneforge_api.store.pages import newest_first
 
@@ -101,7 +102,12 @@ async def transition(
         .values(status=to.value, **values)
         .execution_options(synchronize_session=False)
     )
-    return result.rowcount == 1
+    moved = result.rowcount == 1
+    if moved and to.is_finished():
+        # The webhook outbox is written in the same transaction: an event exists iff the job ended.
+        project_id = await session.scalar(select(JobRow.project_id).where(JobRow.id == job_id))
+        await webhooks.record_job_event(session, project_id, job_id, to.value)
+    return moved
 
 
 async def update_fields(session: AsyncSession, job_id: str, **values: Any) -> None:

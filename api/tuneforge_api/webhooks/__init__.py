@@ -1,0 +1,1 @@
+"""Webhooks: job events signed in the Standard Webhooks format, delivered from an outbox."""
