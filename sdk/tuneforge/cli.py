@@ -16,13 +16,56 @@ from tuneforge.client import Client
 from tuneforge.errors import TuneforgeError
 from tuneforge.types import Job, MethodType
 
+EXIT_OK, EXIT_API_ERROR, EXIT_USAGE, EXIT_JOB_UNSUCCESSFUL = 0, 1, 2, 3
 
-def _print_json(obj: Any) -> None:
+# The columns a person wants to see, per type; --json prints everything.
+COLUMNS = {
+    "FileObject": ("id", "filename", "bytes", "status", "created_at"),
+    "Job": ("id", "model", "status", "fine_tuned_model", "trained_tokens", "created_at"),
+    "Event": ("created_at", "level", "message"),
+    "Checkpoint": ("id", "step_number", "metrics", "created_at"),
+    "Model": ("id", "owned_by"),
+    "Project": ("id", "name", "created_at"),
+    "ApiKey": ("id", "project_id", "name", "role", "key"),
+}
+
+
+def _plain(obj: Any) -> Any:
     if isinstance(obj, BaseModel):
-        obj = obj.model_dump(mode="json")
-    elif isinstance(obj, list):
-        obj = [o.model_dump(mode="json") if isinstance(o, BaseModel) else o for o in obj]
-    print(json.dumps(obj, indent=2))
+        return obj.model_dump(mode="json")
+    if isinstance(obj, list):
+        return [_plain(o) for o in obj]
+    return obj
+
+
+def _print(obj: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(_plain(obj), indent=2))
+        return
+    items = obj if isinstance(obj, list) else [obj]
+    kind = type(items[0]).__name__ if items else ""
+    if isinstance(obj, list) and kind in COLUMNS:
+        columns = COLUMNS[kind]
+        rows = [[_cell(getattr(item, c, None)) for c in columns] for item in items]
+        widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(columns)]
+        print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+        for row in rows:
+            print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+        return
+    for item in items:
+        for key, value in _plain(item).items():
+            if value not in (None, [], {}):
+                print(f"{key}: {_cell(value)}")
+        if len(items) > 1:
+            print()
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, dict | list):
+        return json.dumps(value, separators=(",", ":"))
+    return getattr(value, "value", str(value))
 
 
 @contextmanager
@@ -109,12 +152,18 @@ def _cmd_up(args: argparse.Namespace, _: Client | None) -> int:
     return up(args.host, args.port)
 
 
-def _cmd(fn: Callable[[argparse.Namespace, Client], Any]) -> Callable[[argparse.Namespace, Client], int]:
+def _cmd(
+    fn: Callable[[argparse.Namespace, Client], Any], *, waits: bool = False
+) -> Callable[[argparse.Namespace, Client], int]:
     def run(args: argparse.Namespace, client: Client) -> int:
         result = fn(args, client)
         if result is not None:
-            _print_json(result)
-        return 0
+            _print(result, args.json)
+        # A script that waited on a job learns its outcome from the exit code alone.
+        waited = waits or getattr(args, "wait", False)
+        if waited and isinstance(result, Job) and result.status.value in ("failed", "cancelled"):
+            return EXIT_JOB_UNSUCCESSFUL
+        return EXIT_OK
 
     return run
 
@@ -147,9 +196,15 @@ def _download(args: argparse.Namespace, c: Client) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tuneforge", description="Tuneforge: self-hosted fine-tuning.")
+    p = argparse.ArgumentParser(
+        prog="tuneforge",
+        description="Tuneforge: self-hosted fine-tuning.",
+        epilog="exit codes: 0 ok; 1 the API refused or failed; 2 bad input; 3 the waited-for job failed or "
+        "was cancelled",
+    )
     p.add_argument("--base-url", help="default: $TUNEFORGE_BASE_URL or http://127.0.0.1:8000")
     p.add_argument("--api-key", help="default: $TUNEFORGE_API_KEY")
+    p.add_argument("--json", action="store_true", help="print full JSON (for scripts) instead of tables")
     sub = p.add_subparsers(dest="group", required=True)
 
     up = sub.add_parser("up", help="start API, scheduler and local executor")
@@ -195,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
         v = jobs.add_parser(verb)
         v.add_argument("job_id")
         v.add_argument("--timeout", type=float, default=24 * 3600)
-        v.set_defaults(run=_cmd(fn))
+        v.set_defaults(run=_cmd(fn, waits=verb in ("wait", "follow")))
 
     adapters = sub.add_parser("adapters", help="trained adapters").add_subparsers(dest="verb", required=True)
     d = adapters.add_parser("download")
@@ -231,13 +286,13 @@ def main(argv: list[str] | None = None) -> int:
             return args.run(args, client)
         except TuneforgeError as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return 1
+            return EXIT_API_ERROR
         except json.JSONDecodeError as exc:
             print(f"error: not valid JSON: {exc}", file=sys.stderr)
-            return 2
+            return EXIT_USAGE
         except (OSError, ValueError) as exc:  # a missing local file; a value the SDK's types refuse
             print(f"error: {exc}", file=sys.stderr)
-            return 2
+            return EXIT_USAGE
 
 
 if __name__ == "__main__":

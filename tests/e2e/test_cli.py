@@ -18,9 +18,12 @@ TUNEFORGE = str(Path(sys.executable).parent / "tuneforge")
 DATA = Path(__file__).resolve().parents[2] / "examples" / "demo_chat.jsonl"
 
 
-def cli(service: Service, *args: str, key: str = ADMIN_KEY) -> subprocess.CompletedProcess[str]:
+def cli(
+    service: Service, *args: str, key: str = ADMIN_KEY, human: bool = False
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "TUNEFORGE_BASE_URL": service.url, "TUNEFORGE_API_KEY": key}
-    return subprocess.run([TUNEFORGE, *args], env=env, capture_output=True, text=True, timeout=600)
+    flags = [] if human else ["--json"]
+    return subprocess.run([TUNEFORGE, *flags, *args], env=env, capture_output=True, text=True, timeout=600)
 
 
 def ok(result: subprocess.CompletedProcess[str]):
@@ -95,3 +98,20 @@ def test_cli_mistakes_are_clear(service: Service, args: list[str], code: int, te
     result = cli(service, *args, key=key)
     assert result.returncode == code, result.stderr
     assert text in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_tables_for_people_and_exit_code_for_an_unsuccessful_job(service: Service) -> None:
+    f = ok(cli(service, "files", "upload", str(DATA)))
+    job = ok(cli(service, "jobs", "create", "--model", "tuneforge/tiny-llama", "--training-file", f["id"]))
+    assert cli(service, "jobs", "cancel", job["id"]).returncode == 0  # asked and done: not an error
+    waited = cli(service, "jobs", "wait", job["id"])
+    assert waited.returncode == 3, waited.stderr  # scripts learn the outcome without parsing
+    assert json.loads(waited.stdout)["status"] == "cancelled"
+    assert cli(service, "jobs", "get", job["id"]).returncode == 0
+    table = cli(service, "files", "list", human=True)
+    assert table.returncode == 0
+    header, *rows = table.stdout.splitlines()
+    assert header.split() == ["ID", "FILENAME", "BYTES", "STATUS", "CREATED_AT"]
+    assert any(row.startswith(f["id"]) for row in rows)
+    single = cli(service, "files", "get", f["id"], human=True)
+    assert f"id: {f['id']}" in single.stdout.splitlines()
