@@ -1,0 +1,251 @@
+"""The real scheduler (lifecycle.Scheduler) and its reconcile loop, with the kubernetes
+executor, a real SQLite database, real file:// storage and the real API (to upload the data
+and create jobs), against the FAKE Kubernetes API server (kmock's emulator; see
+fake_apiserver.py). The fake runs no controllers: the tests write the Job status the Job
+controller would write, and the adapter or error.json the trainer would write.
+
+The scheduler's methods are called directly, so no Redis is needed (the API's enqueue fails
+fast against a closed port and is only logged, which is its documented behaviour).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.conftest import ADMIN_KEY, free_port
+from tests.k8s.fake_apiserver import FakeKubernetes
+from tuneforge.storage import MANIFEST, adapter_prefix, job_prefix
+from tuneforge_api.app import create_app
+from tuneforge_api.db.engine import migrate
+from tuneforge_api.services import Services
+from tuneforge_api.store import jobs
+from tuneforge_scheduler.executors import run_name
+from tuneforge_scheduler.executors.kubernetes import KubernetesExecutor
+from tuneforge_scheduler.k8s.names import RECORDED
+from tuneforge_scheduler.lifecycle import Scheduler
+from tuneforge_scheduler.settings import KubernetesSettings, SchedulerSettings
+
+CHAT = b"".join(
+    json.dumps(
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+    ).encode()
+    + b"\n"
+    for i in range(4)
+)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, namespace: str) -> SchedulerSettings:
+    return SchedulerSettings(
+        home=tmp_path / "home",
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",  # nothing listens: enqueues fail fast
+        api_key=ADMIN_KEY,
+        executor="kubernetes",
+        kubernetes=KubernetesSettings(namespace=namespace),
+    )
+
+
+@pytest.fixture
+def api(settings: SchedulerSettings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as client:
+        client.headers["Authorization"] = f"Bearer {ADMIN_KEY}"
+        yield client
+
+
+@pytest.fixture
+async def scheduler(
+    settings: SchedulerSettings, fake_k8s: FakeKubernetes, api: TestClient
+) -> AsyncIterator[Scheduler]:
+    # Its own engine, as in the scheduler's own process (the API's lives on the TestClient's loop).
+    services = Services.build(settings)
+    await migrate(services.engine)
+    executor = KubernetesExecutor(settings.kubernetes, api_client=fake_k8s.api_client(), cancel_wait_s=2)
+    yield Scheduler(services=services, executor=executor)
+    executor.shutdown()
+    await services.close()
+
+
+def create_job(api: TestClient) -> str:
+    r = api.post("/v1/files", files={"file": ("train.jsonl", CHAT)}, data={"purpose": "fine-tune"})
+    assert r.status_code == 200, r.text
+    r = api.post(
+        "/v1/fine_tuning/jobs", json={"model": "tuneforge/tiny-llama", "training_file": r.json()["id"]}
+    )
+    assert r.status_code == 200, r.text
+    return r.json()["id"]
+
+
+def job_json(api: TestClient, job_id: str) -> dict[str, Any]:
+    return api.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+
+
+def events(api: TestClient, job_id: str) -> list[str]:
+    data = api.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
+    return [e["message"] for e in reversed(data)]
+
+
+def finish(fake: FakeKubernetes, namespace: str, name: str, condition: dict[str, str]) -> None:
+    fake.patch(
+        "batch/v1/jobs", name, {"status": {"conditions": [{"status": "True", **condition}]}}, namespace
+    )
+
+
+async def test_running_to_succeeded(
+    api: TestClient, scheduler: Scheduler, fake_k8s: FakeKubernetes, namespace: str
+) -> None:
+    job_id = create_job(api)
+    await scheduler.reconcile()  # validating_files -> queued -> running: the Job is created
+    name = run_name(job_id, 1)
+    assert job_json(api, job_id)["status"] == "running"
+    job = fake_k8s.get("batch/v1/jobs", name, namespace)
+    assert job is not None and job["metadata"]["labels"]["tuneforge.io/job-id"] == job_id
+
+    # The trainer's token works against the API: the scheduler stored its hash, the Secret has it.
+    token = fake_k8s.get("v1/secrets", name, namespace)["stringData"]["TUNEFORGE_JOB_TOKEN"]
+    r = api.post(
+        f"/internal/v1/jobs/{job_id}/events",
+        json={"message": "step 1"},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert r.status_code == 204, r.text
+
+    await scheduler.reconcile()
+    assert job_json(api, job_id)["status"] == "running"
+
+    # The trainer publishes the adapter (manifest last) and the Job controller marks it Complete.
+    storage = scheduler.services.storage
+    project = job_json(api, job_id)["organization_id"]
+    storage.put_bytes(adapter_prefix(project, job_id) + "adapter_model.safetensors", b"weights")
+    manifest = {"files": {}, "metrics": {"trained_tokens": 123}}
+    storage.put_bytes(adapter_prefix(project, job_id) + MANIFEST, json.dumps(manifest).encode())
+    finish(fake_k8s, namespace, name, {"type": "Complete"})
+
+    await scheduler.reconcile()
+    job = job_json(api, job_id)
+    assert (job["status"], job["trained_tokens"]) == ("succeeded", 123)
+    # Recorded: the Job leaves the per-pass list and Kubernetes may delete it after the TTL.
+    k8s_job = fake_k8s.get("batch/v1/jobs", name, namespace)
+    assert k8s_job["metadata"]["labels"][RECORDED] == "true"
+    assert k8s_job["spec"]["ttlSecondsAfterFinished"] == 3600
+
+
+async def test_running_to_failed_on_exit_42(
+    api: TestClient, scheduler: Scheduler, fake_k8s: FakeKubernetes, namespace: str
+) -> None:
+    job_id = create_job(api)
+    await scheduler.reconcile()
+    project = job_json(api, job_id)["organization_id"]
+    error = {
+        "code": "invalid_training_file",
+        "message": "Line 3 has no assistant turn.",
+        "param": "training_file",
+    }
+    scheduler.services.storage.put_bytes(
+        job_prefix(project, job_id) + "error.json", json.dumps(error).encode()
+    )
+    finish(
+        fake_k8s,
+        namespace,
+        run_name(job_id, 1),
+        {
+            "type": "Failed",
+            "reason": "PodFailurePolicy",
+            "message": "Container trainer for pod x/y failed with exit code 42 matching FailJob rule",
+        },
+    )
+
+    await scheduler.reconcile()
+    job = job_json(api, job_id)
+    assert job["status"] == "failed"
+    assert job["error"] == error
+    assert fake_k8s.names("batch/v1/jobs", namespace) == [run_name(job_id, 1)]  # no second attempt
+
+
+async def test_deadline_exceeded_fails_with_its_reason(
+    api: TestClient, scheduler: Scheduler, fake_k8s: FakeKubernetes, namespace: str
+) -> None:
+    job_id = create_job(api)
+    await scheduler.reconcile()
+    finish(fake_k8s, namespace, run_name(job_id, 1), {"type": "Failed", "reason": "DeadlineExceeded"})
+    await scheduler.reconcile()
+    job = job_json(api, job_id)
+    assert job["status"] == "failed"
+    assert "maximum duration" in job["error"]["message"]
+
+
+async def test_retriable_failure_starts_attempt_2(
+    api: TestClient, scheduler: Scheduler, fake_k8s: FakeKubernetes, namespace: str
+) -> None:
+    job_id = create_job(api)
+    await scheduler.reconcile()
+    first = run_name(job_id, 1)
+    # The trainer was OOM-killed (137): a retriable failure, the Job fails (backoffLimit 0).
+    fake_k8s.put(
+        "v1/pods",
+        {
+            "metadata": {"name": f"{first}-abcde", "labels": {"tuneforge.io/run": first}},
+            "status": {
+                "phase": "Failed",
+                "containerStatuses": [{"name": "trainer", "state": {"terminated": {"exitCode": 137}}}],
+            },
+        },
+        namespace,
+    )
+    finish(fake_k8s, namespace, first, {"type": "Failed", "reason": "BackoffLimitExceeded"})
+
+    await scheduler.reconcile()
+    second = run_name(job_id, 2)
+    assert job_json(api, job_id)["status"] == "running"
+    assert fake_k8s.names("batch/v1/jobs", namespace) == [first, second]
+    assert fake_k8s.get("batch/v1/jobs", first, namespace)["metadata"]["labels"][RECORDED] == "true"
+    assert RECORDED not in fake_k8s.get("batch/v1/jobs", second, namespace)["metadata"]["labels"]
+    spec = json.loads(fake_k8s.get("v1/configmaps", second, namespace)["data"]["spec.json"])
+    assert spec["attempt"] == 2
+    assert "Attempt 1 failed (exit code 137); retrying" in events(api, job_id)
+
+    # The next pass lists only the new attempt's Job.
+    fake_k8s.clear_requests()
+    await scheduler.reconcile()
+    assert set(scheduler.executor._snapshot.jobs) == {second}
+
+
+async def test_kueue_waiting_job_stays_running_then_cancel(
+    api: TestClient, scheduler: Scheduler, fake_k8s: FakeKubernetes, namespace: str
+) -> None:
+    scheduler.executor.settings = scheduler.executor.settings.model_copy(update={"kueue_queue": "team-a"})
+    job_id = create_job(api)
+    await scheduler.reconcile()
+    name = run_name(job_id, 1)
+    assert fake_k8s.get("batch/v1/jobs", name, namespace)["spec"]["suspend"] is True
+    status = scheduler.executor.status(name)
+    assert status.detail == "Waiting for quota: Kueue queue team-a has not admitted the job yet"
+    await scheduler.reconcile()
+    assert job_json(api, job_id)["status"] == "running"
+
+    assert api.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").status_code == 200
+    await scheduler.cancel(job_id)  # what the arq task (or the next reconcile pass) does
+    assert job_json(api, job_id)["status"] == "cancelled"
+    assert fake_k8s.get("batch/v1/jobs", name, namespace) is None
+    deletes = [r for r in fake_k8s.requests() if r[0] == "DELETE" and r[1].endswith(f"/jobs/{name}")]
+    assert deletes and deletes[0][2]["propagationPolicy"] == "Foreground"
+
+
+async def test_a_job_lost_before_launch_is_launched_again(
+    api: TestClient, scheduler: Scheduler, fake_k8s: FakeKubernetes, namespace: str
+) -> None:
+    """The scheduler committed "running" but died before creating the Job: reconcile creates it."""
+    job_id = create_job(api)
+    await scheduler.reconcile()
+    name = run_name(job_id, 1)
+    fake_k8s.run(lambda emu: emu.objects[("batch/v1/jobs", namespace, name)].delete())
+    await scheduler.reconcile()
+    assert fake_k8s.get("batch/v1/jobs", name, namespace) is not None
+    async with scheduler.services.sessions() as session:
+        row = await jobs.get_row_any_project(session, job_id)
+    assert (row.status, row.attempt) == ("running", 1)
