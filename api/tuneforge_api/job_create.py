@@ -88,7 +88,7 @@ async def create_job(session: AsyncSession, services: Services, principal: Princ
         raise ApiError(
             400, "model_not_found", f"Unknown base model {body.model!r}; see GET /v1/models.", param="model"
         )
-    if body.resources.nodes > 1:
+    if body.resources.nodes > 1 and services.settings.executor != "kubernetes":
         raise ApiError(
             400, "invalid_resources", "Several nodes need the kubernetes executor.", param="resources.nodes"
         )

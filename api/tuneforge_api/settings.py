@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -44,6 +45,9 @@ class Settings(BaseSettings):
     )
     max_upload_bytes: int = Field(512 * 1024 * 1024, description="Largest accepted upload.", gt=0)
     max_attempts: int = Field(3, description="Trainer attempts per job before it fails.", ge=1, le=20)
+    executor: Literal["local", "kubernetes"] = Field(
+        "local", description="Where trainers run; the API needs it to accept multi-node jobs."
+    )
     webhooks_allow_private: bool = Field(
         False, description="Let webhooks call loopback and private addresses (off: SSRF protection)."
     )

@@ -45,6 +45,8 @@ class Scheduler:
     executor: Executor
     # One scheduler process owns the local capacity check; Kueue does it on Kubernetes.
     _capacity_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Why each running job is not progressing, as last reported (quota, scheduling, image pull).
+    _last_detail: dict[str, str] = field(default_factory=dict)
 
     async def submit(self, job_id: str) -> None:
         async with self.services.sessions() as session:
@@ -260,6 +262,17 @@ class Scheduler:
                 await session.commit()
         await self.submit(row.id)
 
+    async def _report_detail(self, row: JobRow, detail: str) -> None:
+        """An event each time the executor's account of a running attempt changes. After a
+        scheduler restart the current one is posted once more, which is harmless."""
+        self._last_detail[row.id] = detail
+        if not detail:
+            return
+        level = "info" if detail.startswith("Waiting for quota") else "warn"
+        async with self.services.sessions() as session:
+            await jobs.add_event(session, row.id, detail, level=level, data={"attempt": row.attempt})
+            await session.commit()
+
     async def _resume_interrupted(self, row: JobRow) -> None:
         """The service stopped this attempt: run another one, without charging a failure
         (the attempt budget grows by one, so only real failures use it up)."""
@@ -308,7 +321,10 @@ class Scheduler:
                 if row.cancel_requested:
                     await self.cancel(row.id)
                 elif status.state != RunState.running:
+                    self._last_detail.pop(row.id, None)
                     await self.finalize(row, status)
+                elif status.detail != self._last_detail.get(row.id, ""):
+                    await self._report_detail(row, status.detail)
             except Exception:  # one bad job must not stop the pass for the others
                 log.exception("reconcile failed for %s", row.id)
 

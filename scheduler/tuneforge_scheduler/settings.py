@@ -90,7 +90,6 @@ class KubernetesSettings(BaseModel):
 class SchedulerSettings(Settings):
     model_config = SettingsConfigDict(env_prefix="TUNEFORGE_", extra="ignore", env_nested_delimiter="__")
 
-    executor: Literal["local", "kubernetes"] = Field("local", description="Where trainers run.")
     local_max_jobs: int = Field(1, ge=1, le=64, description="Trainer processes at once on this machine.")
     reconcile_every_s: int = Field(1, ge=1, le=60, description="Seconds between reconcile passes.")
     kubernetes: KubernetesSettings = Field(

@@ -131,6 +131,9 @@ class LoraConfigSpec(_Request):
 class Resources(_Request):
     gpus: int = Field(0, ge=0, le=64, description="GPUs per node; 0 trains on the CPU.")
     nodes: int = Field(1, ge=1, le=64, description="Nodes; above 1 needs the kubernetes executor.")
+    max_duration_s: int | None = Field(
+        None, ge=60, description="Stop the attempt after this long (it can only lower the operator's limit)."
+    )
 
 
 class JobCreate(_Request):

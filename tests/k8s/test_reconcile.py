@@ -226,7 +226,11 @@ async def test_kueue_waiting_job_stays_running_then_cancel(
     status = scheduler.executor.status(name)
     assert status.detail == "Waiting for quota: Kueue queue team-a has not admitted the job yet"
     await scheduler.reconcile()
+    await scheduler.reconcile()
     assert job_json(api, job_id)["status"] == "running"
+    # The user sees why it waits, once, however many passes see the same thing.
+    waiting = [m for m in events(api, job_id) if m.startswith("Waiting for quota")]
+    assert waiting == ["Waiting for quota: Kueue queue team-a has not admitted the job yet"]
 
     assert api.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").status_code == 200
     await scheduler.cancel(job_id)  # what the arq task (or the next reconcile pass) does
