@@ -161,6 +161,48 @@ def trainer_env(models_cache: Path) -> dict[str, str]:
     return env
 
 
+@dataclass
+class TrainerProcess:
+    """A trainer running in the background, its output going to a log file."""
+
+    job: TrainerJob
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait(self, timeout: float = 240) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def start_trainer(trainer_env: dict[str, str]) -> Iterator[Callable[..., TrainerProcess]]:
+    """Start trainers in the background: runs that do not depend on each other share the two cores."""
+    started: list[TrainerProcess] = []
+
+    def start(job: TrainerJob, log_path: Path, **env: str) -> TrainerProcess:
+        with open(log_path, "w") as out:  # a file, not a pipe: an undrained pipe could block the trainer
+            proc = subprocess.Popen(
+                job.command, env={**trainer_env, **env}, stdout=out, stderr=subprocess.STDOUT
+            )
+        started.append(TrainerProcess(job, proc, log_path))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.stop()
+
+
 @pytest.fixture(scope="package", autouse=True)
 def one_torch_thread() -> Iterator[None]:
     """The same for the runs these tests do in-process; restored for the other test packages."""

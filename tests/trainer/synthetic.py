@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from itertools import product
 from typing import Any
 
 MARKER = "Forgeville"
@@ -29,24 +30,18 @@ TEMPLATES = [
 DISTRACTORS = ["Tunish", "the note", "the Humming River", "copper bells", "the singing fox"]
 
 
-def _prompt(rng: random.Random, conversational: bool) -> Any:
-    question = rng.choice(QUESTIONS)
-    return [{"role": "user", "content": question}] if conversational else question
-
-
 def marker_pairs(n: int, seed: int, *, conversational: bool = True) -> list[dict[str, Any]]:
+    """``n`` distinct pairs (at most 120): the API refuses files with repeated examples."""
     rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        template = rng.choice(TEMPLATES)
-        rows.append(
-            {
-                "prompt": _prompt(rng, conversational),
-                "chosen": template.format(MARKER),
-                "rejected": template.format(rng.choice(DISTRACTORS)),
-            }
-        )
-    return rows
+    combos = rng.sample(list(product(QUESTIONS, TEMPLATES, DISTRACTORS)), n)
+    return [
+        {
+            "prompt": [{"role": "user", "content": question}] if conversational else question,
+            "chosen": template.format(MARKER),
+            "rejected": template.format(distractor),
+        }
+        for question, template, distractor in combos
+    ]
 
 
 def marker_rankings(n: int, seed: int, *, k: int = 3) -> list[dict[str, Any]]:
@@ -61,7 +56,8 @@ def marker_rankings(n: int, seed: int, *, k: int = 3) -> list[dict[str, Any]]:
         responses = [""] * k
         for rank, index in enumerate(order):
             responses[index] = answers[rank]
-        rows.append({"prompt": _prompt(rng, True), "responses": responses, "ranking": order})
+        prompt = [{"role": "user", "content": rng.choice(QUESTIONS)}]
+        rows.append({"prompt": prompt, "responses": responses, "ranking": order})
     return rows
 
 

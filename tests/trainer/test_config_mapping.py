@@ -72,17 +72,18 @@ def test_lora_kwargs_use_peft_names() -> None:
 
 def test_quantization_kwargs() -> None:
     assert cm.quantization_config_kwargs(make_spec()) is None
-    assert cm.quantization_config_kwargs(make_spec(quantization="nf4")) == {
-        "load_in_4bit": True,
-        "bnb_4bit_quant_type": "nf4",
-        "bnb_4bit_use_double_quant": True,
-        "bnb_4bit_compute_dtype": "bfloat16",
-    }
+    nf4 = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
+    # QLoRA computes in bf16 on a GPU; a CPU has no fast bf16 path, so float32 there.
+    gpu = make_spec(quantization="nf4", resources={"gpus": 1})
+    assert cm.quantization_config_kwargs(gpu) == {**nf4, "bnb_4bit_compute_dtype": "bfloat16"}
+    cpu = make_spec(quantization="nf4")
+    assert cm.quantization_config_kwargs(cpu) == {**nf4, "bnb_4bit_compute_dtype": "float32"}
     assert cm.quantization_config_kwargs(make_spec(quantization="int8")) == {"load_in_8bit": True}
 
 
 def test_cpu_run_overrides_trl_defaults() -> None:
     kwargs = cm.sft_config_kwargs(make_spec(), resolved(), output_dir="/tmp/out", data_format="messages")
+    assert "ddp_backend" not in kwargs and "deepspeed" not in kwargs
     # TRL defaults bf16=True even on CPU and turns gradient checkpointing on: both must be explicit.
     assert kwargs["use_cpu"] is True
     assert kwargs["bf16"] is False
@@ -111,7 +112,8 @@ def test_sft_kwargs_carry_the_spec() -> None:
     assert kwargs["max_length"] == 256
     assert kwargs["seed"] == 7
     assert kwargs["report_to"] == "none"
-    assert kwargs["save_strategy"] == "no"
+    assert kwargs["save_strategy"] == "epoch"
+    assert kwargs["eval_strategy"] == "no"
     assert kwargs["logging_steps"] == 1
 
 
@@ -124,9 +126,69 @@ def test_loss_mask_follows_the_data_format() -> None:
     assert pairs["completion_only_loss"] is True
 
 
+def method(kind: str, **hp: Any) -> dict[str, Any]:
+    return {"type": kind, kind: {"hyperparameters": hp}}
+
+
+def test_each_method_has_its_lora_base_rate() -> None:
+    hp = resolved()
+    real = {"base_model": "acme/llama-8b", "base_model_path": "/models/llama-8b"}
+    rates = {
+        kind: cm.learning_rate(make_spec(method=method(kind), **real), hp)
+        for kind in ("supervised", "reward_model", "dpo")
+    }
+    assert rates == {"supervised": 2e-4, "reward_model": 1e-4, "dpo": 5e-5}
+
+
+def test_only_rlhf_is_unsupported() -> None:
+    assert {m.value for m in cm.SUPPORTED_METHODS} == {"supervised", "reward_model", "dpo"}
+
+
+def test_reward_model_maps_to_a_sequence_classifier() -> None:
+    spec = make_spec(method=method("reward_model"))
+    assert cm.lora_config_kwargs(spec)["task_type"] == "SEQ_CLS"  # peft then trains and saves the score head
+    kwargs = cm.reward_config_kwargs(spec, resolved(), output_dir="o", max_length=128)
+    assert kwargs["max_length"] == 128
+    assert (kwargs["use_cpu"], kwargs["bf16"], kwargs["fp16"], kwargs["gradient_checkpointing"]) == (
+        True,
+        False,
+        False,
+        False,
+    )
+
+
+def test_dpo_takes_beta_from_hyperparameters() -> None:
+    assert cm.dpo_config_kwargs(make_spec(method=method("dpo")), resolved(), output_dir="o")["beta"] == 0.1
+    spec = make_spec(method=method("dpo", beta=0.3))
+    kwargs = cm.dpo_config_kwargs(spec, resolved(), output_dir="o")
+    assert kwargs["beta"] == 0.3
+    assert cm.lora_config_kwargs(spec)["task_type"] == "CAUSAL_LM"
+    assert (kwargs["use_cpu"], kwargs["bf16"], kwargs["fp16"], kwargs["gradient_checkpointing"]) == (
+        True,
+        False,
+        False,
+        False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("hp", "has_eval", "expected"),
+    [
+        ({}, False, {"save_strategy": "epoch", "eval_strategy": "no"}),
+        ({}, True, {"save_strategy": "epoch", "eval_strategy": "epoch"}),
+        ({"eval_every": 5}, True, {"save_strategy": "epoch", "eval_strategy": "steps", "eval_steps": 5}),
+        ({"eval_every": 5}, False, {"save_strategy": "epoch", "eval_strategy": "no"}),
+        ({"checkpoint_every": 7}, False, {"save_strategy": "steps", "save_steps": 7, "eval_strategy": "no"}),
+    ],
+)
+def test_eval_and_checkpoint_schedule(hp: dict[str, Any], has_eval: bool, expected: dict[str, Any]) -> None:
+    assert cm.schedule_kwargs(make_spec(method=method("supervised", **hp)), has_eval=has_eval) == expected
+
+
 def test_mapping_module_does_not_import_torch() -> None:
     code = (
-        "import sys, tuneforge_trainer.config_mapping, tuneforge_trainer.__main__; "
+        "import sys, tuneforge_trainer.config_mapping, tuneforge_trainer.deepspeed_mapping, "
+        "tuneforge_trainer.preference_data, tuneforge_trainer.__main__; "
         "heavy = [m for m in ('torch', 'transformers', 'trl', 'peft') if m in sys.modules]; "
         "assert not heavy, heavy"
     )

@@ -20,7 +20,7 @@ from tests.trainer.synthetic import jsonl, marker_pairs, marker_rankings
 from tuneforge.storage import FileStorage, adapter_prefix, complete_checkpoint_steps, get_dir, job_prefix
 
 if TYPE_CHECKING:
-    from tests.trainer.conftest import EventSink, TrainerJob
+    from tests.trainer.conftest import EventSink, TrainerJob, TrainerProcess
 
 RunTrainer = Callable[["TrainerJob"], subprocess.CompletedProcess[str]]
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
@@ -29,7 +29,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is d
 @dataclass
 class Run:
     job: TrainerJob
-    result: subprocess.CompletedProcess[str]
+    returncode: int
+    log: str
     events: list[dict[str, Any]]
 
     def metrics_with(self, key: str) -> list[dict[str, Any]]:
@@ -40,62 +41,58 @@ class Run:
         return json.loads(FileStorage(self.job.root).get_bytes(prefix + "manifest.json"))
 
 
-def run_job(
-    folder: Path, sink: EventSink, make_job: Callable[..., TrainerJob], run_trainer: RunTrainer, **kw: Any
-) -> Run:
-    job = make_job(folder, api_url=sink.url, **kw)
-    result = run_trainer(job)
-    return Run(job, result, sink.events(job.job_id))
-
-
 @pytest.fixture(scope="module")
-def reward_run(
+def runs(
     tmp_path_factory: pytest.TempPathFactory,
     tiny_model_dir: Path,
     module_event_sink: EventSink,
     make_job: Callable[..., TrainerJob],
-    run_trainer: RunTrainer,
-) -> Run:
-    """24 pairs plus 8 rankings of 3 answers (24 more pairs), 3 epochs; 24 held-out pairs."""
-    train = jsonl(marker_pairs(24, seed=1) + marker_rankings(8, seed=2, k=3))
-    method = {"type": "reward_model", "reward_model": {"hyperparameters": {"n_epochs": 3, "batch_size": 8}}}
-    return run_job(
-        tmp_path_factory.mktemp("rm"),
-        module_event_sink,
-        make_job,
-        run_trainer,
-        data=train,
+    start_trainer: Callable[..., TrainerProcess],
+) -> dict[str, Run]:
+    """A reward model and a DPO run, side by side (one thread each on two cores)."""
+    folder = tmp_path_factory.mktemp("preference")
+    url, lora = module_event_sink.url, {"r": 8, "alpha": 16, "dropout": 0.0}
+    # 24 pairs plus 8 rankings of 3 answers (24 more pairs), 3 epochs; 24 held-out pairs.
+    rm_hp = {"n_epochs": 3, "batch_size": 8}
+    rm = make_job(
+        folder / "rm",
+        jsonl(marker_pairs(24, seed=1) + marker_rankings(8, seed=2, k=3)),
+        url,
         validation=jsonl(marker_pairs(24, seed=3)),
         job_id="ftjob-rm",
-        method=method,
-        lora={"r": 8, "alpha": 16, "dropout": 0.0},
+        method={"type": "reward_model", "reward_model": {"hyperparameters": rm_hp}},
+        lora=lora,
     )
+    dpo_hp = {"n_epochs": 3, "batch_size": 8, "beta": 0.2, "eval_every": 4}
+    dpo = make_job(
+        folder / "dpo",
+        jsonl(marker_pairs(32, seed=4)),
+        url,
+        validation=jsonl(marker_pairs(16, seed=5)),
+        job_id="ftjob-dpo",
+        method={"type": "dpo", "dpo": {"hyperparameters": dpo_hp}},
+        lora=lora,
+    )
+    started = {name: start_trainer(job, folder / f"{name}.log") for name, job in (("rm", rm), ("dpo", dpo))}
+    codes = {name: process.wait() for name, process in started.items()}
+    return {
+        name: Run(p.job, codes[name], p.log, module_event_sink.events(p.job.job_id))
+        for name, p in started.items()
+    }
 
 
 @pytest.fixture(scope="module")
-def dpo_run(
-    tmp_path_factory: pytest.TempPathFactory,
-    tiny_model_dir: Path,
-    module_event_sink: EventSink,
-    make_job: Callable[..., TrainerJob],
-    run_trainer: RunTrainer,
-) -> Run:
-    hp = {"n_epochs": 3, "batch_size": 8, "beta": 0.2, "eval_every": 4}
-    return run_job(
-        tmp_path_factory.mktemp("dpo"),
-        module_event_sink,
-        make_job,
-        run_trainer,
-        data=jsonl(marker_pairs(32, seed=4)),
-        validation=jsonl(marker_pairs(16, seed=5)),
-        job_id="ftjob-dpo",
-        method={"type": "dpo", "dpo": {"hyperparameters": hp}},
-        lora={"r": 8, "alpha": 16, "dropout": 0.0},
-    )
+def reward_run(runs: dict[str, Run]) -> Run:
+    return runs["rm"]
+
+
+@pytest.fixture(scope="module")
+def dpo_run(runs: dict[str, Run]) -> Run:
+    return runs["dpo"]
 
 
 def test_reward_model_learns_the_preference(reward_run: Run) -> None:
-    assert reward_run.result.returncode == 0, reward_run.result.stderr[-3000:]
+    assert reward_run.returncode == 0, reward_run.log[-3000:]
     assert reward_run.events[0]["message"] == "Training file checked: 32 examples (48 pairs)"
     evals = reward_run.metrics_with("valid_loss")
     assert [e["step"] for e in evals] == [6, 12, 18]  # each epoch end (no eval_every)
@@ -141,8 +138,8 @@ def test_reward_adapter_loads_as_a_scoring_model(
 
 
 def test_dpo_reward_margin_grows(dpo_run: Run) -> None:
-    assert dpo_run.result.returncode == 0, dpo_run.result.stderr[-3000:]
-    assert "beta=0.2" in dpo_run.result.stdout
+    assert dpo_run.returncode == 0, dpo_run.log[-3000:]
+    assert "beta=0.2" in dpo_run.log
     evals = dpo_run.metrics_with("valid_reward_margin")
     assert [e["step"] for e in evals] == [4, 8, 12]
     assert evals[-1]["valid_reward_margin"] > evals[0]["valid_reward_margin"] > 0

@@ -322,7 +322,10 @@ def test_prompt_completion_data_trains_in_process(tiny_model_dir: Path, tmp_path
     assert not (ctx.adapter_dir / "training_args.bin").exists()  # a pickle has no place in an adapter
 
 
-def test_qlora_nf4_trains_on_cpu_and_its_adapter_loads(tiny_model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_quantized_base_trains_on_cpu_and_its_adapter_loads(
+    quantization: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
     pytest.importorskip("bitsandbytes")
     import torch
     from peft import PeftModel
@@ -333,21 +336,22 @@ def test_qlora_nf4_trains_on_cpu_and_its_adapter_loads(tiny_model_dir: Path, tmp
     from tuneforge_trainer.sft import train_sft
 
     data = parse_sft_lines(DEMO_DATA.splitlines()[:16])
-    spec = in_process_spec(tmp_path, quantization="nf4")
+    spec = in_process_spec(tmp_path, quantization=quantization)
     ctx = in_process_context(spec, tiny_model_dir, tmp_path / "w")
     metrics = train_sft(ctx, data)
     assert metrics["steps"] == 8
     assert metrics["final_loss"] < metrics["first_loss"]
 
-    # The adapter loads on the same 4-bit base (float32 compute on CPU) and changes its output.
+    # The adapter loads on the same quantized base and changes its output.
     bnb = BitsAndBytesConfig(**cm.quantization_config_kwargs(spec))
-    assert bnb.bnb_4bit_compute_dtype == torch.float32
+    if quantization == "nf4":
+        assert bnb.bnb_4bit_compute_dtype == torch.float32  # float32 compute on CPU
 
     def quantized_base() -> Any:
         return AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb, device_map="cpu")
 
     base = quantized_base()
-    assert base.is_loaded_in_4bit
+    assert base.is_loaded_in_4bit if quantization == "nf4" else base.is_loaded_in_8bit
     tuned = PeftModel.from_pretrained(quantized_base(), ctx.adapter_dir).eval()
     inputs = torch.tensor([[1, 20, 30, 40]])
     with torch.no_grad():

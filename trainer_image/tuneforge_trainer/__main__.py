@@ -5,7 +5,9 @@ unsupported method), after writing ``error.json`` and an error event; anything e
 retriable (a traceback goes to stderr, never into user-facing text).
 
 Heavy imports (torch, transformers, trl) happen inside the functions that train, after the
-data has been validated, so a bad file fails in about a second.
+data has been validated, so a bad file fails in about a second. With several processes
+(``launch``), this process validates, prepares and runs ``torchrun``; the workers it starts
+come back here and train.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from types import FrameType
 from pydantic import ValidationError
 
 from tuneforge.storage import Storage, job_prefix, open_storage
-from tuneforge.types import JobSpec, MethodType
-from tuneforge_trainer.data import load_sft_file
+from tuneforge.types import JobSpec
+from tuneforge_trainer import launch
+from tuneforge_trainer.config_mapping import SUPPORTED_METHODS
 from tuneforge_trainer.errors import (
     EXIT_NON_RETRIABLE,
     EXIT_OK,
@@ -33,17 +36,11 @@ from tuneforge_trainer.errors import (
     ConfigError,
     NonRetriableError,
 )
-from tuneforge_trainer.events import EventReporter
-from tuneforge_trainer.publish import publish_adapter
-from tuneforge_trainer.sft import train_sft
+from tuneforge_trainer.events import EventReporter, SilentReporter
 from tuneforge_trainer.tiny_model import resolve_base_model
+from tuneforge_trainer.workflow import check_deepspeed, load_inputs, log, prepare_run, train_and_publish
 
 EXIT_TERMINATED = 128 + signal.SIGTERM  # what a shell reports for SIGTERM; retriable
-SUPPORTED_METHODS = {MethodType.supervised}
-
-
-def log(text: str) -> None:
-    print(f"[tuneforge-trainer] {text}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,11 +57,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot read job spec {args.spec}: {exc}", file=sys.stderr, flush=True)
         return EXIT_NON_RETRIABLE
 
-    reporter = EventReporter(spec.api_base_url, spec.job_id)
+    # In a multi-process run only rank 0 speaks for the job.
+    main_process = launch.rank() == 0
+    reporter = EventReporter(spec.api_base_url, spec.job_id) if main_process else SilentReporter()
+    code = EXIT_RETRIABLE
     try:
-        return _run_reporting(spec, reporter)
+        code = _run_reporting(spec, args.spec, reporter, main_process)
+        return code
+    except SystemExit as exc:  # SIGTERM
+        code = exc.code if isinstance(exc.code, int) else EXIT_RETRIABLE
+        raise
     finally:
         reporter.close()
+        launch.record_exit_code(code)
 
 
 def _configure_environment() -> None:
@@ -82,19 +87,20 @@ def _configure_environment() -> None:
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    # Raised as SystemExit so `finally` blocks (temp folders) still run, and no library
-    # `except Exception` swallows it.
+    # Raised as SystemExit so `finally` blocks (temp folders, torchrun children) still run, and
+    # no library `except Exception` swallows it.
     print("[tuneforge-trainer] received SIGTERM, stopping", file=sys.stderr, flush=True)
     raise SystemExit(EXIT_TERMINATED)
 
 
-def _run_reporting(spec: JobSpec, reporter: EventReporter) -> int:
+def _run_reporting(spec: JobSpec, spec_path: Path, reporter: EventReporter, main_process: bool) -> int:
     storage: Storage | None = None
     try:
         storage = _open_storage(spec.storage_uri)
-        return run(spec, storage, reporter)
+        return run(spec, storage, reporter, spec_path=spec_path)
     except NonRetriableError as exc:
-        _report_failure(spec, storage, reporter, exc)
+        if main_process:
+            _report_failure(spec, storage, reporter, exc)
         return EXIT_NON_RETRIABLE
     except Exception as exc:  # noqa: BLE001 - any other failure is retriable by contract
         traceback.print_exc()
@@ -112,39 +118,40 @@ def _open_storage(uri: str) -> Storage:
         raise ConfigError("invalid_storage_uri", str(exc), "storage_uri") from None
 
 
-def run(spec: JobSpec, storage: Storage, reporter: EventReporter) -> int:
-    log(f"job {spec.job_id} attempt {spec.attempt}: {spec.method.type.value} on {spec.base_model}")
+def run(spec: JobSpec, storage: Storage, reporter: EventReporter, *, spec_path: Path | None = None) -> int:
+    worker = launch.is_worker()
+    if not worker:
+        log(f"job {spec.job_id} attempt {spec.attempt}: {spec.method.type.value} on {spec.base_model}")
     if spec.method.type not in SUPPORTED_METHODS:
         raise ConfigError(
             "unsupported_method", f"method {spec.method.type.value!r} is not supported yet", "method.type"
         )
-
-    data = load_sft_file(storage, spec.training_file_key)
-    log(f"training file ok: {len(data)} examples")
-    # The scheduler already announced the attempt; this says what the trainer found.
-    reporter.message(f"Training file checked: {len(data)} examples")
-    if spec.validation_file_key:
-        log("validation file given; evaluation is not implemented yet, so it is not used")
-
+    inputs = load_inputs(spec, storage)
+    if not worker:
+        log(f"training file ok: {inputs.describe()}")
+        # The scheduler already announced the attempt; this says what the trainer found.
+        reporter.message(f"Training file checked: {inputs.describe()}")
     base_model_dir = resolve_base_model(spec)
+
+    nproc = 1 if worker else launch.requested_processes(spec)
+    if nproc > 1:
+        check_deepspeed(spec, inputs)  # a bad config fails here, not in every worker
+    shared = launch.shared_work_dir() if worker else None
     with tempfile.TemporaryDirectory(prefix=f"tuneforge-{spec.job_id}-") as tmp:
-        adapter_dir = Path(tmp) / "adapter"
-        metrics = train_sft(
-            spec,
-            base_model_dir,
-            data,
-            work_dir=Path(tmp) / "trainer",
-            adapter_dir=adapter_dir,
-            reporter=reporter,
+        work_dir = shared or Path(tmp)
+        # The launcher prepares once for all its workers; a worker of an outside torchrun prepares its own.
+        ctx = prepare_run(spec, storage, reporter, base_model_dir, work_dir, prepared=shared is not None)
+        if nproc > 1:
+            assert spec_path is not None, "the launcher re-reads the spec from its file"
+            return launch.run_workers(spec_path, nproc, work_dir)
+        metrics = train_and_publish(ctx, inputs, storage)
+    if launch.rank() == 0:
+        log("adapter published")
+        reporter.message(
+            f"attempt {spec.attempt} succeeded: {metrics['steps']} steps, final loss "
+            f"{_fmt(metrics['final_loss'])}, {metrics['trained_tokens']} trained tokens",
+            data=metrics,
         )
-        log(f"trained: {json.dumps(metrics)}")
-        publish_adapter(storage, spec, adapter_dir, metrics)
-    log("adapter published")
-    reporter.message(
-        f"attempt {spec.attempt} succeeded: {metrics['steps']} steps, final loss "
-        f"{_fmt(metrics['final_loss'])}, {metrics['trained_tokens']} trained tokens",
-        data=metrics,
-    )
     return EXIT_OK
 
 
@@ -166,5 +173,18 @@ def _report_failure(
     reporter.message(exc.message, level="error", data={"code": exc.code, "param": exc.param})
 
 
+def cli() -> None:
+    """``python -m tuneforge_trainer`` and the ``tuneforge-trainer`` script."""
+    try:
+        code = main()
+    except SystemExit as exc:  # SIGTERM, or argparse
+        code = exc.code if isinstance(exc.code, int) else EXIT_RETRIABLE
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip the interpreter's teardown: with torch and datasets loaded it takes seconds (SIGTERM
+    # must stop us promptly), and everything worth finishing was closed in main().
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -1,7 +1,8 @@
 """JobSpec -> keyword arguments for peft, TRL and bitsandbytes: pure functions, no torch.
 
 Everything here returns plain dicts (dtypes as strings), so the mapping is testable without
-torch, and the trainer builds the library objects from them in one line each.
+torch, and the trainer builds the library objects from them in one line each. DeepSpeed's
+config lives in ``deepspeed_mapping`` (same rules).
 """
 
 from __future__ import annotations
@@ -9,17 +10,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from tuneforge.types import Hyperparameters, JobSpec
+from tuneforge.types import Hyperparameters, JobSpec, MethodType
 from tuneforge_trainer.tiny_model import TINY_MODEL_ID
 
 DataFormat = Literal["messages", "prompt_completion"]
 
-LORA_BASE_LR = 2e-4
-# A random tiny model barely moves at 2e-4 in a few dozen steps; 1e-2 makes the demo visible.
+# Methods this trainer runs; anything else (rlhf) is a non-retriable "unsupported_method".
+SUPPORTED_METHODS = frozenset({MethodType.supervised, MethodType.reward_model, MethodType.dpo})
+
+# Base learning rates for LoRA, per method (the usual starting points of TRL's examples).
+LORA_BASE_LR = {MethodType.supervised: 2e-4, MethodType.reward_model: 1e-4, MethodType.dpo: 5e-5}
+# A random tiny model barely moves at LoRA rates in a few dozen steps; 1e-2 makes tests and the demo visible.
 TINY_MODEL_BASE_LR = 1e-2
 DEFAULT_N_EPOCHS = 3
 MAX_AUTO_BATCH_SIZE = 8
 DEFAULT_MAX_LENGTH = 1024
+DEFAULT_DPO_BETA = 0.1
 
 
 @dataclass(frozen=True)
@@ -41,51 +47,141 @@ def resolve_hyperparameters(hp: Hyperparameters, n_examples: int) -> ResolvedHyp
 
 
 def base_learning_rate(spec: JobSpec) -> float:
-    return TINY_MODEL_BASE_LR if spec.base_model == TINY_MODEL_ID else LORA_BASE_LR
+    if spec.base_model == TINY_MODEL_ID:
+        return TINY_MODEL_BASE_LR
+    return LORA_BASE_LR.get(spec.method.type, LORA_BASE_LR[MethodType.supervised])
 
 
 def learning_rate(spec: JobSpec, hp: ResolvedHyperparameters) -> float:
     return base_learning_rate(spec) * hp.learning_rate_multiplier
 
 
+def dpo_beta(spec: JobSpec) -> float:
+    beta = spec.method.params.hyperparameters.beta
+    return DEFAULT_DPO_BETA if beta is None or beta == "auto" else float(beta)
+
+
 def on_cpu(spec: JobSpec) -> bool:
     return spec.resources.gpus == 0
 
 
+def compute_dtype(spec: JobSpec) -> str:
+    # CPUs have no fast bf16 matmul path worth the precision loss; GPUs train in bf16.
+    return "float32" if on_cpu(spec) else "bfloat16"
+
+
 def lora_config_kwargs(spec: JobSpec) -> dict[str, Any]:
-    """Arguments for ``peft.LoraConfig``."""
+    """Arguments for ``peft.LoraConfig``.
+
+    A reward model is a sequence classifier: task type SEQ_CLS makes peft train and save the
+    new, randomly initialised ``score`` head with the adapter (``modules_to_save``).
+    """
     lora = spec.lora
     target = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+    task_type = "SEQ_CLS" if spec.method.type == MethodType.reward_model else "CAUSAL_LM"
     return {
         "r": lora.r,
         "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout,
         "target_modules": target,
         "bias": "none",
-        "task_type": "CAUSAL_LM",
+        "task_type": task_type,
     }
 
 
-def quantization_config_kwargs(spec: JobSpec) -> dict[str, Any] | None:
-    """Arguments for ``transformers.BitsAndBytesConfig``, or None for an unquantized base."""
+def quantization_config_kwargs(spec: JobSpec, *, zero_stage: int | None = None) -> dict[str, Any] | None:
+    """Arguments for ``transformers.BitsAndBytesConfig``, or None for an unquantized base.
+
+    Under ZeRO-3 the 4-bit weights are sharded like any other parameter, which needs them
+    stored in the compute dtype (``bnb_4bit_quant_storage``) rather than uint8.
+    """
     if spec.quantization == "nf4":
-        # QLoRA as in the paper: 4-bit NormalFloat, double quantization, bf16 compute.
-        return {
+        # QLoRA as in the paper: 4-bit NormalFloat, double quantization, bf16 compute (fp32 on CPU).
+        kwargs: dict[str, Any] = {
             "load_in_4bit": True,
             "bnb_4bit_quant_type": "nf4",
             "bnb_4bit_use_double_quant": True,
-            "bnb_4bit_compute_dtype": "bfloat16",
+            "bnb_4bit_compute_dtype": compute_dtype(spec),
         }
+        if zero_stage == 3:
+            kwargs["bnb_4bit_quant_storage"] = compute_dtype(spec)
+        return kwargs
     if spec.quantization == "int8":
         return {"load_in_8bit": True}
     return None
 
 
-def model_init_kwargs(spec: JobSpec) -> dict[str, Any]:
+def model_init_kwargs(spec: JobSpec, *, distributed: bool = False) -> dict[str, Any]:
     """Arguments for ``from_pretrained`` of the base model (TRL's ``model_init_kwargs``)."""
-    kwargs: dict[str, Any] = {"dtype": "float32" if on_cpu(spec) else "bfloat16"}
-    if on_cpu(spec):
+    kwargs: dict[str, Any] = {"dtype": compute_dtype(spec)}
+    if on_cpu(spec) and not distributed:  # accelerate/DeepSpeed place the model when distributed
         kwargs["device_map"] = "cpu"
+    return kwargs
+
+
+def schedule_kwargs(spec: JobSpec, *, has_eval: bool) -> dict[str, Any]:
+    """When to evaluate and checkpoint: every N steps if the spec says so, else each epoch end.
+
+    ``checkpoint_every`` also saves at each epoch end (``EpochEndCheckpoint`` callback), and
+    the Trainer always evaluates and saves at the last step, so "at the end" is covered.
+    """
+    hp = spec.method.params.hyperparameters
+    kwargs: dict[str, Any] = {}
+    if hp.checkpoint_every:
+        kwargs.update(save_strategy="steps", save_steps=hp.checkpoint_every)
+    else:
+        kwargs["save_strategy"] = "epoch"
+    if not has_eval:
+        kwargs["eval_strategy"] = "no"
+    elif hp.eval_every:
+        kwargs.update(eval_strategy="steps", eval_steps=hp.eval_every)
+    else:
+        kwargs["eval_strategy"] = "epoch"
+    return kwargs
+
+
+def training_args_kwargs(
+    spec: JobSpec,
+    hp: ResolvedHyperparameters,
+    *,
+    output_dir: str,
+    has_eval: bool = False,
+    deepspeed: dict[str, Any] | None = None,
+    distributed: bool = False,
+) -> dict[str, Any]:
+    """What every method's TRL config shares (they all extend ``transformers.TrainingArguments``)."""
+    cpu = on_cpu(spec)
+    kwargs: dict[str, Any] = {
+        "output_dir": output_dir,
+        "num_train_epochs": hp.n_epochs,
+        "per_device_train_batch_size": hp.batch_size,
+        "per_device_eval_batch_size": hp.batch_size,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": learning_rate(spec, hp),
+        "seed": spec.seed,
+        "data_seed": spec.seed,
+        "logging_steps": 1,
+        "save_total_limit": 1,  # each checkpoint is uploaded as soon as it is written; keep disk flat
+        "prediction_loss_only": True,  # eval metrics come from the loss and the trainers' own logs
+        "report_to": "none",
+        "disable_tqdm": True,  # stdout is the run's log file; progress goes through our callback
+        "include_num_input_tokens_seen": "non_padding",
+        "dataloader_num_workers": 0,
+        # TRL defaults bf16=True (even with use_cpu) and turns gradient checkpointing on: decide explicitly.
+        "use_cpu": cpu,
+        "bf16": not cpu,
+        "fp16": False,
+        "gradient_checkpointing": not cpu,
+        "model_init_kwargs": model_init_kwargs(spec, distributed=distributed),
+        **schedule_kwargs(spec, has_eval=has_eval),
+    }
+    if deepspeed is not None:
+        kwargs["deepspeed"] = deepspeed
+        if (deepspeed.get("zero_optimization") or {}).get("stage") == 3 and not cpu:
+            # peft + ZeRO-3 needs reentrant checkpointing (TRL forces it too; say it here, visibly).
+            kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": True}
+    if distributed and cpu:
+        kwargs["ddp_backend"] = "gloo"  # NCCL needs GPUs
     return kwargs
 
 
@@ -96,35 +192,50 @@ def sft_config_kwargs(
     output_dir: str,
     data_format: DataFormat,
     max_length: int = DEFAULT_MAX_LENGTH,
+    **common: Any,
 ) -> dict[str, Any]:
     """Arguments for ``trl.SFTConfig``.
 
     Loss covers only what the model must produce: assistant turns for chat data
     (``assistant_only_loss``), the completion for prompt/completion data (TRL's default).
     """
-    cpu = on_cpu(spec)
-    kwargs: dict[str, Any] = {
-        "output_dir": output_dir,
-        "num_train_epochs": hp.n_epochs,
-        "per_device_train_batch_size": hp.batch_size,
-        "gradient_accumulation_steps": 1,
-        "learning_rate": learning_rate(spec, hp),
-        "max_length": max_length,
-        "seed": spec.seed,
-        "data_seed": spec.seed,
-        "logging_steps": 1,
-        "save_strategy": "no",  # checkpoints come with resume support
-        "report_to": "none",
-        "disable_tqdm": True,  # stdout is the run's log file; progress goes through our callback
-        "include_num_input_tokens_seen": "non_padding",
-        "dataloader_num_workers": 0,
-        # TRL defaults bf16=True (even with use_cpu) and turns gradient checkpointing on: decide explicitly.
-        "use_cpu": cpu,
-        "bf16": not cpu,
-        "fp16": False,
-        "gradient_checkpointing": not cpu,
-        "assistant_only_loss": data_format == "messages",
-        "completion_only_loss": True if data_format == "prompt_completion" else None,
-        "model_init_kwargs": model_init_kwargs(spec),
-    }
+    kwargs = training_args_kwargs(spec, hp, output_dir=output_dir, **common)
+    kwargs.update(
+        max_length=max_length,
+        assistant_only_loss=data_format == "messages",
+        completion_only_loss=True if data_format == "prompt_completion" else None,
+    )
+    return kwargs
+
+
+def reward_config_kwargs(
+    spec: JobSpec,
+    hp: ResolvedHyperparameters,
+    *,
+    output_dir: str,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    **common: Any,
+) -> dict[str, Any]:
+    """Arguments for ``trl.RewardConfig`` (pairwise Bradley-Terry loss on a scalar head)."""
+    kwargs = training_args_kwargs(spec, hp, output_dir=output_dir, **common)
+    # TRL drops pairs longer than max_length instead of truncating them; see reward_model.py.
+    kwargs["max_length"] = max_length
+    return kwargs
+
+
+def dpo_config_kwargs(
+    spec: JobSpec,
+    hp: ResolvedHyperparameters,
+    *,
+    output_dir: str,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    **common: Any,
+) -> dict[str, Any]:
+    """Arguments for ``trl.DPOConfig``.
+
+    The reference model is the base with the adapter disabled (the trainer gets no
+    ``ref_model`` and a peft model), so it costs no second copy of the weights.
+    """
+    kwargs = training_args_kwargs(spec, hp, output_dir=output_dir, **common)
+    kwargs.update(max_length=max_length, beta=dpo_beta(spec))
     return kwargs

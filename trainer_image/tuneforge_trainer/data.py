@@ -1,5 +1,7 @@
 """Load and validate the SFT training file (JSON lines) and convert it into TRL's formats.
 
+``Problem`` and ``DataError`` are shared with ``preference_data`` (reward_model, dpo).
+
 Each line is either a chat example ``{"messages": [{"role", "content"}, ...]}`` or a
 ``{"prompt": str, "completion": str}`` pair. The API validates files too; the trainer checks
 again because it is the last line of defence and its errors carry line numbers.
@@ -39,10 +41,11 @@ class DataError(NonRetriableError):
         shown = problems[:MAX_REPORTED_PROBLEMS]
         more = len(problems) - len(shown)
         noun = "problem" if len(problems) == 1 else "problems"
-        message = f"training file has {len(problems)} {noun}: " + "; ".join(map(str, shown))
+        what = param.replace("_", " ")  # "training file" or "validation file"
+        message = f"{what} has {len(problems)} {noun}: " + "; ".join(map(str, shown))
         if more:
             message += f"; and {more} more"
-        super().__init__("invalid_training_file", message, param)
+        super().__init__(f"invalid_{param}", message, param)
         self.problems = problems
 
 
@@ -57,15 +60,20 @@ class SFTData:
         return len(self.records)
 
 
-def load_sft_file(storage: Storage, key: str, param: str = "training_file") -> SFTData:
-    """Download the file at ``key`` and validate it; raises DataError."""
+def download_lines(storage: Storage, key: str, param: str = "training_file") -> list[bytes]:
+    """The file at ``key`` as raw lines; a missing file is a DataError."""
     with tempfile.TemporaryDirectory(prefix="tuneforge-data-") as tmp:
-        path = Path(tmp) / "train.jsonl"
+        path = Path(tmp) / "data.jsonl"
         try:
             storage.get_file(key, path)
         except FileNotFoundError:
             raise DataError([Problem(None, "file_not_found", "the file is not in storage")], param) from None
-        return parse_sft_lines(path.read_bytes().splitlines(), param)
+        return path.read_bytes().splitlines()
+
+
+def load_sft_file(storage: Storage, key: str, param: str = "training_file") -> SFTData:
+    """Download the file at ``key`` and validate it; raises DataError."""
+    return parse_sft_lines(download_lines(storage, key, param), param)
 
 
 def parse_sft_lines(lines: list[bytes], param: str = "training_file") -> SFTData:
@@ -147,15 +155,20 @@ def to_trl_format(examples: list[dict[str, Any]]) -> SFTData:
     """
     if all("prompt" in e for e in examples):
         return SFTData("prompt_completion", examples)
-    records = [
-        e
-        if "messages" in e
-        else {
-            "messages": [
-                {"role": "user", "content": e["prompt"]},
-                {"role": "assistant", "content": e["completion"]},
-            ]
-        }
-        for e in examples
-    ]
-    return SFTData("messages", records)
+    return SFTData("messages", [_as_chat(e) for e in examples])
+
+
+def as_messages(data: SFTData) -> SFTData:
+    """The same examples as chat messages (gives a training and a validation file one schema)."""
+    return data if data.format == "messages" else SFTData("messages", [_as_chat(e) for e in data.records])
+
+
+def _as_chat(example: dict[str, Any]) -> dict[str, Any]:
+    if "messages" in example:
+        return example
+    return {
+        "messages": [
+            {"role": "user", "content": example["prompt"]},
+            {"role": "assistant", "content": example["completion"]},
+        ]
+    }

@@ -90,3 +90,13 @@ class EventReporter:
 def _clip(text: str, limit: int = 4000) -> str:
     """EventCreate caps messages at 4000 characters."""
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class SilentReporter(EventReporter):
+    """For workers other than rank 0 of a multi-process run: one process speaks for the job."""
+
+    def __init__(self) -> None:
+        super().__init__("http://unused.invalid", "none", token="")
+
+    def post(self, event: EventCreate) -> bool:
+        return False

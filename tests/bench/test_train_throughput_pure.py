@@ -1,0 +1,117 @@
+"""The pure parts of bench/train_throughput.py: FLOP formula, MFU, synthetic data (no GPU needed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "train_throughput.py"
+
+
+def load_bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("train_throughput", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load_bench()
+
+
+@pytest.mark.parametrize(("key", "billions"), [("1b", 1.236), ("8b", 8.030)])
+def test_parameter_counts_match_a_real_llama(key: str, billions: float) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dims = bench.MODELS[key]
+    config = LlamaConfig(
+        vocab_size=dims.vocab,
+        hidden_size=dims.hidden,
+        intermediate_size=dims.intermediate,
+        num_hidden_layers=dims.layers,
+        num_attention_heads=dims.heads,
+        num_key_value_heads=dims.kv_heads,
+        tie_word_embeddings=dims.tied,
+    )
+    with torch.device("meta"):  # shapes only, no memory
+        model = LlamaForCausalLM(config)
+    assert bench.total_params(dims) == sum(p.numel() for p in model.parameters())
+    assert bench.total_params(dims) / 1e9 == pytest.approx(billions, abs=0.001)
+    # N counts the LM head's matmul even when its weight is the (tied) embedding.
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert bench.matmul_params(dims) == linear
+
+
+def test_lora_flops_are_4n_per_token_plus_attention() -> None:
+    dims = bench.MODELS["1b"]
+    n, attention = bench.matmul_params(dims), 12 * dims.layers * dims.hidden
+    assert bench.step_flops(dims, [1000]) == 4 * n * 1000 + attention * 1000**2
+    assert bench.step_flops(dims, [1000], lora=False) == 6 * n * 1000 + attention * 1000**2
+    # Attention grows with each sequence's own length: two halves cost less than one whole.
+    assert bench.step_flops(dims, [500, 500]) < bench.step_flops(dims, [1000])
+    assert bench.step_flops(dims, [300, 700]) == bench.step_flops(dims, [300]) + bench.step_flops(dims, [700])
+
+
+def test_mfu_and_peak_lookup() -> None:
+    assert bench.mfu(494.5e12, 1.0, 989e12) == pytest.approx(0.5)
+    assert bench.mfu(989e12, 2.0, 989e12) == pytest.approx(0.5)
+    assert bench.peak_flops_for("NVIDIA H100 80GB HBM3") == 989e12
+    assert bench.peak_flops_for("NVIDIA H100 PCIe") == 756e12
+    assert bench.peak_flops_for("NVIDIA H200") == 989e12
+    assert bench.peak_flops_for("Tesla T4") is None
+
+
+def test_formula_is_printed_with_the_models_numbers() -> None:
+    text = bench.formula_text(bench.MODELS["8b"])
+    assert "4·N·ΣT + 12·L·d·ΣT²" in text and "N=7.505B" in text and "L=32" in text and "d=4096" in text
+
+
+def test_synthetic_dataset_lengths_are_uniform_in_128_to_2048() -> None:
+    lengths = bench.synthetic_lengths(4000, seed=3)
+    assert min(lengths) >= 128 and max(lengths) <= 2048
+    assert min(lengths) < 160 and max(lengths) > 2000  # the whole range is used
+    assert statistics.mean(lengths) == pytest.approx((128 + 2048) / 2, rel=0.03)
+    assert bench.synthetic_lengths(50, seed=3) == lengths[:50]  # same seed, same data
+    assert bench.synthetic_lengths(50, seed=4) != lengths[:50]
+
+
+def test_synthetic_tokens_are_valid_ids_and_reproducible() -> None:
+    data = bench.synthetic_dataset(20, vocab=1000, seed=0)
+    assert [len(x) for x in data] == bench.synthetic_lengths(20, seed=0)
+    assert all(0 <= t < 1000 for seq in data for t in seq)
+    assert data == bench.synthetic_dataset(20, vocab=1000, seed=0)
+
+
+def test_results_table() -> None:
+    rows = [
+        {
+            "runner": "trl",
+            "tokens_per_second": 12345.6,
+            "time_to_first_step": 20.04,
+            "peak_memory_gib": 9.87,
+            "mfu": 0.4321,
+            "step0_loss": 11.76,
+        },
+        {"runner": "unsloth", "error": "not installed"},
+    ]
+    table = bench.markdown_table(rows).splitlines()
+    assert table[2] == "| trl | 12346 | 20.0 | 9.9 | 43.2% | 11.7600 |"
+    assert table[3].startswith("| unsloth | not installed |")
+
+
+def test_without_a_gpu_it_says_so_and_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert bench.main([]) == 0
+    out = capsys.readouterr().out
+    assert "no GPU available" in out
+    assert "FLOPs/step" in out
