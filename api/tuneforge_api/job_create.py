@@ -20,8 +20,13 @@ from tuneforge_api.store.ids import new_id, now
 from tuneforge_api.store.projects import Principal
 
 # Methods the trainer implements; the others are refused at create time, not in the pod.
-SUPPORTED_METHODS = {MethodType.supervised}
-FORMATS_BY_METHOD = {MethodType.supervised: {"chat", "prompt_completion"}}
+SUPPORTED_METHODS = {MethodType.supervised, MethodType.reward_model, MethodType.dpo}
+FORMATS_BY_METHOD = {
+    MethodType.supervised: {"chat", "prompt_completion"},
+    # K-way rankings are expanded into weighted pairs by the trainer.
+    MethodType.reward_model: {"preference", "rankings"},
+    MethodType.dpo: {"preference"},
+}
 
 
 async def _usable_file(
