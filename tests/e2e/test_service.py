@@ -109,14 +109,21 @@ def test_cancel_a_running_job(service: Service) -> None:
 
 
 def test_bad_training_data_fails_with_line_numbers(service: Service, tmp_path: Path) -> None:
-    """Passes the upload check (valid chat records) but has nothing to learn: exit 42."""
-    bad = tmp_path / "no_assistant.jsonl"
-    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hello"}]}) + "\n")
+    """The API checks files at upload, so bad data reaching the trainer means the stored
+    object changed afterwards (a corrupted disk, a hand edit). The trainer checks again and
+    fails the job with exit 42: one attempt, line numbers, no stack trace."""
+    from tuneforge.storage import file_key
+
     client = service.client()
-    job = client.create_job(model=TINY, training_file=client.files.upload(bad).id)
+    f = client.files.upload(DATA)
+    project = client.admin.list_projects()[0].id  # the default project, which the admin key is in
+    storage = FileStorage(service.home / "storage")
+    good = DATA.read_bytes().splitlines(keepends=True)
+    storage.put_bytes(file_key(project, f.id), good[0] + b'{"messages": "not a list"}\n' + good[1])
+    job = client.create_job(model=TINY, training_file=f.id)
     job = client.jobs.wait(job.id, timeout=300, poll_interval=0.5)
-    assert job.status == JobStatus.failed and job.error is not None
-    assert "line 1" in job.error.message and "Traceback" not in job.error.message
+    assert job.status == JobStatus.failed and job.error is not None, job
+    assert "line 2" in job.error.message and "Traceback" not in job.error.message
     events = list(client.jobs.events(job.id))
     assert not any("Attempt 2" in e.message for e in events)  # non-retriable: one attempt only
     assert events[-1].level == "error"
