@@ -8,31 +8,33 @@ import secrets
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.concurrency import run_in_threadpool
 
-from tuneforge.storage import MANIFEST, checkpoint_prefix
+from tuneforge.storage import MANIFEST, adapter_prefix, checkpoint_prefix
 from tuneforge.types import Job, JobCreate, JobStatus, MethodType
 from tuneforge_api import hyperparams
 from tuneforge_api.checkpoints import parse_checkpoint_id
-from tuneforge_api.db.tables import FileRow
 from tuneforge_api.errors import ApiError
+from tuneforge_api.models_registry import base_of, ft_job_id
 from tuneforge_api.services import Services
 from tuneforge_api.store import files, jobs
+from tuneforge_api.store.files import FileFacts
 from tuneforge_api.store.ids import new_id, now
 from tuneforge_api.store.projects import Principal
 
 # Methods the trainer implements; the others are refused at create time, not in the pod.
-SUPPORTED_METHODS = {MethodType.supervised, MethodType.reward_model, MethodType.dpo}
+SUPPORTED_METHODS = {MethodType.supervised, MethodType.reward_model, MethodType.dpo, MethodType.rlhf}
 FORMATS_BY_METHOD = {
     MethodType.supervised: {"chat", "prompt_completion"},
     # K-way rankings are expanded into weighted pairs by the trainer.
     MethodType.reward_model: {"preference", "rankings"},
     MethodType.dpo: {"preference"},
+    MethodType.rlhf: {"prompts"},
 }
 
 
 async def _usable_file(
     session: AsyncSession, principal: Principal, file_id: str, param: str, method: MethodType
-) -> FileRow:
-    row = await files.get_row(session, principal.project_id, file_id)
+) -> FileFacts:
+    row = await files.facts(session, principal.project_id, file_id)
     if row is None:
         raise ApiError(400, "file_not_found", f"No file found with id {file_id!r}.", param=param)
     if row.purpose != "fine-tune" or row.status != "processed":
@@ -67,7 +69,7 @@ async def _init_adapter_key(
         raise ApiError(
             400, "checkpoint_job_running", f"Job {source.id} has not finished yet.", param="from_checkpoint"
         )
-    if source.model != body.model:
+    if base_of(source.model) != base_of(body.model):
         raise ApiError(
             400,
             "checkpoint_model_mismatch",
@@ -75,6 +77,34 @@ async def _init_adapter_key(
             param="from_checkpoint",
         )
     return prefix
+
+
+async def _ft_model_adapter(session: AsyncSession, principal: Principal, model: str) -> str:
+    """A job may start from a fine-tuned model of this project: its adapter starts the LoRA."""
+    source = await jobs.get_row(session, principal.project_id, ft_job_id(model) or "")
+    if source is None or source.status != JobStatus.succeeded.value or source.fine_tuned_model != model:
+        raise ApiError(400, "model_not_found", f"No succeeded fine-tuned model {model!r}.", param="model")
+    return adapter_prefix(principal.project_id, source.id)
+
+
+async def _check_reward_model(session: AsyncSession, principal: Principal, job_id: str, base: str) -> None:
+    param = "method.rlhf.reward_model"
+    rm = await jobs.get_row(session, principal.project_id, job_id)
+    if (
+        rm is None
+        or rm.status != JobStatus.succeeded.value
+        or (rm.method or {}).get("type") != "reward_model"
+    ):
+        raise ApiError(
+            400, "invalid_reward_model", f"{job_id!r} is not a succeeded reward_model job.", param=param
+        )
+    if base_of(rm.model) != base:
+        raise ApiError(
+            400,
+            "reward_model_base_mismatch",
+            f"The reward model was trained on {base_of(rm.model)}, the policy is on {base}.",
+            param=param,
+        )
 
 
 async def create_job(session: AsyncSession, services: Services, principal: Principal, body: JobCreate) -> Job:
@@ -89,7 +119,15 @@ async def create_job(session: AsyncSession, services: Services, principal: Princ
             f"method {method.type.value!r} is not available yet.",
             param="method.type",
         )
-    if body.model not in services.base_models():
+    if method.type == MethodType.rlhf and method.rlhf is None:
+        raise ApiError(
+            400,
+            "invalid_method",
+            "An rlhf job needs method.rlhf with an algorithm and a "
+            "reward_model (or, for grpo/rloo, a reward_function).",
+            param="method.rlhf",
+        )
+    if base_of(body.model) not in services.base_models():
         raise ApiError(
             400, "model_not_found", f"Unknown base model {body.model!r}; see GET /v1/models.", param="model"
         )
@@ -97,11 +135,22 @@ async def create_job(session: AsyncSession, services: Services, principal: Princ
         raise ApiError(
             400, "invalid_resources", "Several nodes need the kubernetes executor.", param="resources.nodes"
         )
+    if method.type == MethodType.rlhf and method.rlhf and method.rlhf.reward_model:
+        await _check_reward_model(session, principal, method.rlhf.reward_model, base_of(body.model))
     training = await _usable_file(session, principal, body.training_file, "training_file", method.type)
     if body.validation_file is not None:
         await _usable_file(session, principal, body.validation_file, "validation_file", method.type)
 
     init_adapter_key = await _init_adapter_key(session, services, principal, body)
+    if ft_job_id(body.model):
+        if init_adapter_key is not None:
+            raise ApiError(
+                400,
+                "invalid_request",
+                "Give an ft: model or from_checkpoint, not both.",
+                param="from_checkpoint",
+            )
+        init_adapter_key = await _ft_model_adapter(session, principal, body.model)
     resolved = hyperparams.resolve(method.params.hyperparameters, training.n_examples, method.type)
     ts = now()
     values = dict(

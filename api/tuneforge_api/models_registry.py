@@ -19,3 +19,13 @@ def base_models(models_dir: Path | None) -> dict[str, Path | None]:
             if not folder.name.startswith(".") and (folder / "config.json").is_file():
                 found[folder.name.replace("--", "/")] = folder.resolve()
     return found
+
+
+def base_of(model: str) -> str:
+    """The base model under a model name: ``ft:<base>:<project>:<suffix>:<job>`` -> ``<base>``."""
+    return model[3:].rsplit(":", 3)[0] if model.startswith("ft:") else model
+
+
+def ft_job_id(model: str) -> str | None:
+    """The job that produced an ``ft:`` model, or None for a base model."""
+    return model.rsplit(":", 1)[-1] if model.startswith("ft:") and model.count(":") >= 4 else None

@@ -28,6 +28,7 @@ from tuneforge.storage import (
 )
 from tuneforge.types import JobSpec, JobStatus, LoraConfigSpec, Method, Resources
 from tuneforge_api.db.tables import JobRow
+from tuneforge_api.models_registry import base_of
 from tuneforge_api.services import Services
 from tuneforge_api.store import jobs
 from tuneforge_api.store.ids import hash_secret, new_secret
@@ -115,14 +116,17 @@ class Scheduler:
         await run_in_threadpool(self.executor.submit, run_name(row.id, row.attempt), spec, env)
 
     def build_spec(self, row: JobRow, *, resume_from_key: str | None = None) -> JobSpec:
-        path = self.services.base_models().get(row.model)
+        base = base_of(row.model)
+        path = self.services.base_models().get(base)
+        method = Method.model_validate(row.method)
+        reward_job = method.rlhf.reward_model if method.rlhf else None
         return JobSpec(
             job_id=row.id,
             project_id=row.project_id,
             attempt=row.attempt,
-            base_model=row.model,
+            base_model=base,
             base_model_path=str(path) if path else None,
-            method=Method.model_validate(row.method),
+            method=method,
             lora=LoraConfigSpec.model_validate(row.lora),
             quantization=row.quantization,  # type: ignore[arg-type]
             resources=Resources.model_validate(row.resources),
@@ -135,6 +139,7 @@ class Scheduler:
             api_base_url=self.services.settings.public_url,
             resume_from_key=resume_from_key,
             init_adapter_key=row.init_adapter_key,
+            reward_model_key=adapter_prefix(row.project_id, reward_job) if reward_job else None,
         )
 
     async def cancel(self, job_id: str) -> None:

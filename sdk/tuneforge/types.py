@@ -95,6 +95,52 @@ class MethodParams(_Request):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
 
 
+class RlhfHyperparameters(Hyperparameters):
+    """PPO / GRPO / RLOO knobs; every field has a default that works on the tiny model."""
+
+    kl_coef: float = Field(0.05, ge=0, le=10, description="Per-token KL penalty against the reference.")
+    clip_range: float = Field(0.2, gt=0, le=1, description="PPO policy ratio clip.")
+    vf_coef: float = Field(0.1, ge=0, le=10, description="Value loss weight (PPO).")
+    cliprange_value: float = Field(0.2, gt=0, le=10, description="Value clip (PPO).")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount (PPO).")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda (PPO).")
+    rollout_batch_size: int = Field(8, ge=1, le=4096, description="Prompts per generation phase.")
+    ppo_epochs: int = Field(2, ge=1, le=16, description="Optimisation passes over each rollout batch.")
+    num_generations: int = Field(4, ge=2, le=64, description="Answers per prompt (GRPO, RLOO).")
+    max_new_tokens: int = Field(24, ge=1, le=4096, description="Longest generated answer.")
+    temperature: float = Field(1.0, gt=0, le=5, description="Sampling temperature for rollouts.")
+    missing_eos_penalty: float | None = Field(
+        None, description="Subtracted from the reward of an answer that does not end with EOS."
+    )
+
+
+class RewardFunction(_Request):
+    """A built-in, declarative reward (no user code runs in the trainer)."""
+
+    type: Literal["exact_match", "contains", "json_valid", "length"]
+    field: str = Field("answer", max_length=64, description="Prompt-record field holding the reference.")
+    target_length: int | None = Field(None, ge=1, description="For 'length': the ideal length in tokens.")
+
+
+class RlhfParams(_Request):
+    algorithm: Literal["ppo", "grpo", "rloo"] = "ppo"
+    reward_model: str | None = Field(
+        None, max_length=64, description="A succeeded reward_model job on the same base."
+    )
+    reward_function: RewardFunction | None = Field(
+        None, description="GRPO / RLOO only, instead of a reward model."
+    )
+    hyperparameters: RlhfHyperparameters = Field(default_factory=RlhfHyperparameters)
+
+    @model_validator(mode="after")
+    def _one_reward(self) -> RlhfParams:
+        if (self.reward_model is None) == (self.reward_function is None):
+            raise ValueError("give exactly one of reward_model and reward_function")
+        if self.reward_function is not None and self.algorithm == "ppo":
+            raise ValueError("ppo needs a reward_model; reward_function works with grpo and rloo")
+        return self
+
+
 class Method(_Request):
     """OpenAI's method object: ``{"type": "supervised", "supervised": {"hyperparameters": ...}}``."""
 
@@ -102,7 +148,7 @@ class Method(_Request):
     supervised: MethodParams | None = None
     dpo: MethodParams | None = None
     reward_model: MethodParams | None = None
-    rlhf: MethodParams | None = None
+    rlhf: RlhfParams | None = None
 
     @model_validator(mode="after")
     def _only_own_params(self) -> Method:
@@ -116,7 +162,14 @@ class Method(_Request):
         return getattr(self, self.type.value) or MethodParams()
 
     def with_hyperparameters(self, hp: Hyperparameters) -> Method:
-        return Method.model_validate({"type": self.type, self.type.value: {"hyperparameters": hp}})
+        """This method with ``hp``'s common fields set, keeping the rest of its parameters
+        (an rlhf job's algorithm, reward model and RL knobs)."""
+        params = self.params
+        common = hp.model_dump(include=set(Hyperparameters.model_fields), exclude_unset=True)
+        merged = params.hyperparameters.model_copy(update=common)
+        return Method.model_validate(
+            {"type": self.type, self.type.value: params.model_copy(update={"hyperparameters": merged})}
+        )
 
 
 class LoraConfigSpec(_Request):
@@ -307,4 +360,8 @@ class JobSpec(_Request):
     init_adapter_key: str | None = Field(
         None,
         description="Storage prefix of a checkpoint whose adapter weights start this job (from_checkpoint).",
+    )
+    reward_model_key: str | None = Field(
+        None,
+        description="Storage prefix of the reward_model job's adapter bundle (rlhf with a reward model).",
     )

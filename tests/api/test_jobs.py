@@ -60,7 +60,12 @@ def test_openai_shapes_accepted(api: Harness) -> None:
         ({"training_file": "file-missing"}, "training_file"),
         ({"validation_file": "file-missing"}, "validation_file"),
         ({"method": {"type": "magic"}}, "method.type"),
-        ({"method": {"type": "rlhf"}}, "method.type"),
+        ({"method": {"type": "rlhf"}}, "method.rlhf"),
+        (
+            {"method": {"type": "rlhf", "rlhf": {"algorithm": "ppo", "reward_model": "ftjob-none"}}},
+            "method.rlhf.reward_model",
+        ),
+        ({"method": {"type": "rlhf", "rlhf": {"algorithm": "ppo"}}}, "method.rlhf"),
         ({"bogus": 1}, "bogus"),
         ({"status": "succeeded"}, "status"),
         ({"hyperparameters": {"n_epochs": -1}}, "hyperparameters.n_epochs"),

@@ -125,6 +125,6 @@ def test_extra_methods_go_through_extra_body(oai: openai.OpenAI, train_file: Pat
         fid = oai.files.create(file=fh, purpose="fine-tune").id
     with pytest.raises(openai.BadRequestError) as exc:
         oai.fine_tuning.jobs.create(model=TINY, training_file=fid, extra_body={"method": {"type": "rlhf"}})
-    assert exc.value.param == "method.type"
+    assert exc.value.param == "method.rlhf"
     job = oai.fine_tuning.jobs.create(model=TINY, training_file=fid, extra_body={"lora": {"r": 4}})
     assert json.loads(job.model_dump_json())["lora"]["r"] == 4

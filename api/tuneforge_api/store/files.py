@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -26,6 +28,27 @@ async def insert(session: AsyncSession, row: FileRow) -> FileObject:
     session.add(row)
     await session.flush()
     return to_model(row)
+
+
+class FileFacts(NamedTuple):
+    """What a job needs to know of its file, without the (large) validation report."""
+
+    id: str
+    purpose: str
+    status: str
+    data_format: str | None
+    n_examples: int
+
+
+async def facts(session: AsyncSession, project_id: str, file_id: str) -> FileFacts | None:
+    row = (
+        await session.execute(
+            select(
+                FileRow.id, FileRow.purpose, FileRow.status, FileRow.data_format, FileRow.n_examples
+            ).where(FileRow.project_id == project_id, FileRow.id == file_id)
+        )
+    ).first()
+    return FileFacts(*row) if row else None
 
 
 async def get_row(session: AsyncSession, project_id: str, file_id: str) -> FileRow | None:
