@@ -18,7 +18,7 @@ $(STAMP): $(PACKAGES) constraints.txt requirements-dev.txt
 	$(PIP) install --quiet --upgrade pip
 	@# torch is pinned in the same command: unpinned, trl/peft would pull a multi-GB CUDA build.
 	$(PIP) install --quiet -c constraints.txt torch==2.13.0 \
-		-e './sdk[cli,s3]' -e ./api -e './scheduler[kubernetes]' -e './trainer_image[qlora,deepspeed]' -r requirements-dev.txt
+		-e './sdk[cli,s3]' -e './api[tokens]' -e './scheduler[kubernetes]' -e './trainer_image[qlora,deepspeed]' -r requirements-dev.txt
 	@touch $(STAMP)
 
 demo: install

@@ -13,7 +13,7 @@ from tuneforge_api.db.engine import migrate
 from tuneforge_api.errors import install_handlers
 from tuneforge_api.limits import BodySizeLimit
 from tuneforge_api.request_id import RequestId
-from tuneforge_api.routes import admin, files, health, internal, jobs, models, webhooks
+from tuneforge_api.routes import admin, files, health, internal, jobs, models, validate, webhooks
 from tuneforge_api.services import Services
 from tuneforge_api.settings import Settings
 
@@ -43,7 +43,7 @@ def create_app(
     app = FastAPI(title="Tuneforge", version="0.1.0", lifespan=lifespan)
     app.state.services = services
     install_handlers(app)
-    for module in (files, jobs, models, admin, internal, health, webhooks):
+    for module in (files, jobs, models, admin, internal, health, webhooks, validate):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, upload_limit=settings.max_upload_bytes)
     app.add_middleware(RequestId)  # outermost: even a 413 from the size limit carries an id

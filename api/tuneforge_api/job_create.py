@@ -37,11 +37,14 @@ async def _usable_file(
     row = await files.facts(session, principal.project_id, file_id)
     if row is None:
         raise ApiError(400, "file_not_found", f"No file found with id {file_id!r}.", param=param)
-    if row.purpose != "fine-tune" or row.status != "processed":
+    # A file still "uploaded" is being validated in the background: the job waits in
+    # validating_files, and the scheduler checks the file once validation is done.
+    if row.purpose != "fine-tune" or row.status == "error":
+        detail = f": {row.status_details}" if row.status_details else "."
         raise ApiError(
-            400, "invalid_file", f"File {file_id!r} is not a processed fine-tune file.", param=param
+            400, "invalid_file", f"File {file_id!r} is not a valid fine-tune file{detail}", param=param
         )
-    if row.data_format not in FORMATS_BY_METHOD.get(method, set()):
+    if row.status == "processed" and row.data_format not in FORMATS_BY_METHOD.get(method, set()):
         raise ApiError(
             400,
             "invalid_file_format",
@@ -151,7 +154,11 @@ async def create_job(session: AsyncSession, services: Services, principal: Princ
                 param="from_checkpoint",
             )
         init_adapter_key = await _ft_model_adapter(session, principal, body.model)
-    resolved = hyperparams.resolve(method.params.hyperparameters, training.n_examples, method.type)
+    hp = method.params.hyperparameters
+    # Before validation there is no size yet: "auto" stays, and the scheduler resolves it.
+    resolved = (
+        hyperparams.resolve(hp, training.n_examples, method.type) if training.status == "processed" else hp
+    )
     ts = now()
     values = dict(
         id=new_id("ftjob"),

@@ -65,19 +65,21 @@ class Scheduler:
                 await self._start_attempt(session, row)
 
     async def _validate_files(self, session, row: JobRow) -> None:
-        storage = self.services.storage
-        for fid in filter(None, (row.training_file, row.validation_file)):
-            if not await run_in_threadpool(storage.exists, file_key(row.project_id, fid)):
-                error = {
-                    "code": "file_not_found",
-                    "message": f"File {fid} is gone from storage.",
-                    "param": None,
-                }
-                if await jobs.transition(
-                    session, row.id, (JobStatus.validating_files,), JobStatus.failed, error=error
-                ):
-                    await jobs.add_event(session, row.id, error["message"], level="error")
-                return
+        """Queue the job once its files are validated; fail it on a bad or missing file. While a
+        file is still being validated the job stays ``validating_files`` and reconcile asks again."""
+        from tuneforge_api.validation.job_files import check_job_files
+
+        verdict = await check_job_files(session, self.services.storage, row)
+        if verdict.wait:
+            return
+        if verdict.error is not None:
+            if await jobs.transition(
+                session, row.id, (JobStatus.validating_files,), JobStatus.failed, error=verdict.error
+            ):
+                await jobs.add_event(session, row.id, verdict.error["message"], level="error")
+            return
+        if verdict.method is not None:
+            await jobs.update_fields(session, row.id, method=verdict.method)
         if await jobs.transition(session, row.id, (JobStatus.validating_files,), JobStatus.queued):
             await jobs.add_event(session, row.id, "Files validated; job queued")
 

@@ -32,6 +32,7 @@ from tuneforge.types import (
     FileObject,
     Job,
     JobCreate,
+    JobValidation,
     Method,
     Model,
     Page,
@@ -218,6 +219,20 @@ class Files:
     def delete(self, file_id: str) -> bool:
         return self._c.call(Calls.delete_file(file_id))
 
+    def wait_for_processing(
+        self, file_id: str, *, timeout: float = 1800.0, poll_interval: float = 1.0
+    ) -> FileObject:
+        """Poll until the file is validated ("processed" or "error") and return it; a large upload
+        is validated in the background. Raises JobTimeoutError after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while True:
+            f = self.get(file_id)
+            if f.status != "uploaded":
+                return f
+            if time.monotonic() >= deadline:
+                raise errors.JobTimeoutError(f"file {file_id} still being validated after {timeout}s")
+            time.sleep(poll_interval)
+
 
 class Jobs:
     def __init__(self, client: Client) -> None:
@@ -228,6 +243,12 @@ class Jobs:
 
     def get(self, job_id: str) -> Job:
         return self._c.call(Calls.get_job(job_id))
+
+    def validate(self, body: JobCreate | dict[str, Any]) -> JobValidation:
+        """A dry run of ``create``: the files' reports, token statistics, resolved hyperparameters
+        and an estimated time. Creates nothing; raises what ``create`` would raise."""
+        payload = body.model_dump(mode="json", exclude_unset=True) if isinstance(body, JobCreate) else body
+        return JobValidation.model_validate(self._c.post_json("/v1/fine_tuning/jobs/validate", payload))
 
     def list(self, *, limit: int = 20, after: str | None = None) -> Page[Job]:
         return self._c.call(Calls.list_jobs(limit=limit, after=after))

@@ -280,6 +280,30 @@ class Event(_Response):
     data: dict[str, Any] | None = None
 
 
+class FileProblem(_Response):
+    """One problem in a dataset: its 1-based line (None for the whole file) and a stable code."""
+
+    line: int | None = None
+    code: str
+    message: str
+    excerpt: str = Field("", description="At most 80 characters of the offending value.")
+
+
+class FileValidation(_Response):
+    """What validation found in a file (a Tuneforge extension of OpenAI's file object)."""
+
+    format: str | None = Field(None, description="chat, prompt_completion, preference, rankings or prompts.")
+    n_examples: int = 0
+    n_problems: int = Field(0, description="Every problem found; `problems` holds the first 100.")
+    problem_counts: dict[str, int] = Field(default_factory=dict, description="Every problem, by code.")
+    problems: list[FileProblem] = Field(default_factory=list)
+    stats: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Token statistics: tokens_per_example {min, mean, p95, max}, total_tokens, "
+        "trained_tokens, max_seq_length, n_over_max_seq_length, tokenizer, estimated, method.",
+    )
+
+
 class FileObject(_Response):
     id: str
     object: Literal["file"] = "file"
@@ -289,6 +313,43 @@ class FileObject(_Response):
     purpose: str
     status: Literal["uploaded", "processed", "error"] = "processed"
     status_details: str | None = None
+    validation: FileValidation | None = Field(
+        None, description="Tuneforge extension: the validation report, once the file is validated."
+    )
+
+
+class DryRunFile(_Response):
+    """A file of a dry run: its report, and token statistics for the job's model."""
+
+    id: str
+    status: Literal["uploaded", "processed", "error"]
+    validation: FileValidation | None = None
+    model_stats: dict[str, Any] | None = Field(
+        None, description="Token statistics with the job's model's tokenizer (see FileValidation.stats)."
+    )
+
+
+class TimeEstimate(_Response):
+    seconds: float | None = None
+    tokens_per_second: float | None = None
+    hardware: str
+    size_class: str
+    measured: bool = Field(description="False when the throughput table has only a placeholder.")
+    note: str
+
+
+class JobValidation(_Response):
+    """Answer of ``POST /v1/fine_tuning/jobs/validate``: what creating the job would do. Creates nothing."""
+
+    object: Literal["fine_tuning.job.validation"] = "fine_tuning.job.validation"
+    model: str
+    method: MethodType
+    ready: bool = Field(description="Every file is processed: a job would start without waiting.")
+    training_file: DryRunFile
+    validation_file: DryRunFile | None = None
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    estimated_trained_tokens: int | None = Field(None, description="n_epochs x trained tokens per epoch.")
+    estimate: TimeEstimate | None = None
 
 
 class Model(_Response):

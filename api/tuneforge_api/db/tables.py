@@ -52,8 +52,16 @@ class FileRow(Base):
     status_details: Mapped[str | None] = mapped_column(Text, nullable=True)
     n_examples: Mapped[int] = mapped_column(Integer, default=0)
     data_format: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # The validation report returned on the file object: format, counts, first problems, stats.
+    validation: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # Per-example sizes (validation.report.SizeProfile), to rescale token stats for another
+    # tokenizer in a dry run; loaded only when asked for.
+    size_profile: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True, deferred=True)
 
-    __table_args__ = (Index("ix_files_project_seq", "project_id", "seq"),)
+    __table_args__ = (
+        Index("ix_files_project_seq", "project_id", "seq"),
+        Index("ix_files_status", "status"),
+    )
 
 
 class JobRow(Base):

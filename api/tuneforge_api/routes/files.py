@@ -1,11 +1,18 @@
-"""/v1/files: upload, list, get, content, delete."""
+"""/v1/files: upload, list, get, content, delete.
+
+An upload up to the sync threshold is validated in the request: a bad file answers 400 and
+nothing is stored. A larger one is stored as ``uploaded`` and validated in the background
+(``validation.service``), then becomes ``processed`` or ``error``.
+"""
 
 from __future__ import annotations
 
 import unicodedata
-from typing import Annotated
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import IO, Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -15,11 +22,40 @@ from tuneforge.types import FileObject, Page
 from tuneforge_api.db.tables import FileRow
 from tuneforge_api.deps import PrincipalDep, ServicesDep, SessionDep, release
 from tuneforge_api.errors import ApiError, BodyTooLarge, not_found
+from tuneforge_api.services import Services
 from tuneforge_api.store import files
 from tuneforge_api.store.ids import new_id, now
 from tuneforge_api.validation import validate_jsonl
+from tuneforge_api.validation.service import (
+    BackgroundValidation,
+    ValidationSettings,
+    file_outcome,
+    token_sample,
+)
 
-router = APIRouter(prefix="/v1/files", tags=["files"])
+
+@asynccontextmanager
+async def background_validation(app: FastAPI) -> AsyncIterator[None]:
+    """Runs after the app's own startup (migrations): validates what a previous run left
+    ``uploaded``, and owns the background validations until shutdown."""
+    app.state.background_validation = None  # a fresh one per run: its semaphore binds to this loop
+    background = _background(app)
+    await background.sweep()
+    yield
+    await background.close()
+    app.state.background_validation = None
+
+
+def _background(app: FastAPI) -> BackgroundValidation:
+    """The app's background validations (made on first use too, for an app run without lifespan)."""
+    if getattr(app.state, "background_validation", None) is None:
+        settings = getattr(app.state, "validation_settings", None) or ValidationSettings()
+        app.state.validation_settings = settings
+        app.state.background_validation = BackgroundValidation(app.state.services, settings)
+    return app.state.background_validation
+
+
+router = APIRouter(prefix="/v1/files", tags=["files"], lifespan=background_validation)
 PURPOSES = {"fine-tune"}
 LimitQ = Annotated[int, Query(ge=1, le=10_000)]
 
@@ -55,14 +91,16 @@ async def upload_file(request: Request, principal: PrincipalDep, services: Servi
             raise ApiError(
                 413, "file_too_large", f"The file exceeds the limit of {limit} bytes.", param="file"
             )
-        upload.file.seek(0)
-        report = await run_in_threadpool(validate_jsonl, upload.file)
-        if not report.ok:
-            raise ApiError(
-                400, "invalid_file", f"The file is not a valid dataset: {report.summary()}", param="file"
-            )
         size = upload.file.tell()
         upload.file.seek(0)
+        background = _background(request.app)
+        settings = background.settings
+        in_background = size > settings.sync_max_bytes
+        if in_background:
+            outcome: dict[str, Any] = {"status": "uploaded", "n_examples": 0}
+        else:
+            outcome = await run_in_threadpool(_validate_upload, services, settings, upload.file, size)
+            upload.file.seek(0)
         file_id = new_id("file")
         key = file_key(principal.project_id, file_id)
         await run_in_threadpool(services.storage.put_fileobj, key, upload.file)
@@ -73,10 +111,7 @@ async def upload_file(request: Request, principal: PrincipalDep, services: Servi
             purpose=str(purpose),
             bytes=size,
             created_at=now(),
-            status="processed",
-            status_details=None,
-            n_examples=report.n_examples,
-            data_format=report.data_format,
+            **outcome,
         )
         try:
             async with services.sessions() as session:
@@ -86,9 +121,22 @@ async def upload_file(request: Request, principal: PrincipalDep, services: Servi
             # The row never committed, so the object is unreachable: remove it.
             await run_in_threadpool(services.storage.delete, key)
             raise
+        if in_background:
+            background.start(principal.project_id, file_id)
         return created
     finally:
         await form.close()
+
+
+def _validate_upload(services: Services, settings: ValidationSettings, fh: IO[bytes], size: int) -> dict:
+    """Validate a small upload in the request; a bad file is refused before anything is stored."""
+    sample = token_sample(services, settings, size)
+    report = validate_jsonl(fh, sample=sample, limits=settings.limits(), size_hint=size)
+    if not report.ok:
+        raise ApiError(
+            400, "invalid_file", f"The file is not a valid dataset: {report.summary()}", param="file"
+        )
+    return file_outcome(report)
 
 
 @router.get("", response_model=Page[FileObject])
