@@ -49,7 +49,9 @@ def redis_url() -> str:
     return EmbeddedRedis(Path(tempfile.mkdtemp()) / "redis").start().url
 
 
-def start_api(home: Path, redis: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_api(
+    home: Path, redis: str, database_url: str | None, workers: int
+) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {
         **os.environ,
@@ -58,11 +60,23 @@ def start_api(home: Path, redis: str) -> tuple[subprocess.Popen[bytes], str]:
         "TUNEFORGE_REDIS_URL": redis,
         "TUNEFORGE_QUEUE_NAME": f"tf-bench:{uuid.uuid4().hex}",
     }
-    code = (
-        "import uvicorn; from tuneforge_api.app import create_app; "
-        f"uvicorn.run(create_app(), port={port}, log_level='warning', access_log=False)"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    if database_url:
+        env["TUNEFORGE_DATABASE_URL"] = database_url
+    cmd = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "tuneforge_api.app:create_app",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+        "--workers",
+        str(workers),
+    ]
+    proc = subprocess.Popen(cmd, env=env)
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
@@ -94,9 +108,9 @@ def wrk(url: str, seconds: int, script: Path | None = None) -> dict[str, float]:
     return {"p50_ms": ms("50%"), "p99_ms": ms("99%"), "rps": rps}
 
 
-def bench_api(seconds: int) -> dict[str, float]:
+def bench_api(seconds: int, database_url: str | None = None, workers: int = 1) -> dict[str, float]:
     home = Path(tempfile.mkdtemp(prefix="tf-bench-"))
-    proc, url = start_api(home, redis_url())
+    proc, url = start_api(home, redis_url(), database_url, workers)
     try:
         with open(DATA, "rb") as fh:
             r = httpx.post(
@@ -154,13 +168,17 @@ def main() -> None:
     )
     parser.add_argument("--seconds", type=int, default=10, help="length of each load run")
     parser.add_argument("--starts", type=int, default=5)
+    parser.add_argument(
+        "--database-url", help="e.g. postgresql+asyncpg://postgres@127.0.0.1/bench (default: SQLite)"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="API worker processes (SQLite: keep 1)")
     parser.add_argument("--write", action="store_true", help="append the results to bench/RESULTS.md")
     args = parser.parse_args()
 
     print(
         f"create latency: {args.seconds} s of creates from {CONCURRENCY} concurrent clients ...", flush=True
     )
-    api = bench_api(args.seconds)
+    api = bench_api(args.seconds, args.database_url, args.workers)
     print(f"submit-to-start: {args.starts} jobs on an idle queue ...", flush=True)
     starts = bench_submit_to_start(args.starts)
     machine = f"{platform.node()} ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
@@ -180,7 +198,8 @@ def main() -> None:
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         section = (
             f"\n## Control plane ({stamp})\n\nMachine: {machine}, Python {platform.python_version()}, "
-            f"SQLite, local Redis. `python bench/control_plane.py --seconds {args.seconds} "
+            f"{'PostgreSQL' if args.database_url else 'SQLite'}, {args.workers} API worker(s), local Redis. "
+            f"`python bench/control_plane.py --seconds {args.seconds} --workers {args.workers} "
             f"--starts {args.starts}`\n\n{table}\n"
         )
         with open(ROOT / "bench" / "RESULTS.md", "a") as fh:
