@@ -140,8 +140,8 @@ def test_each_method_has_its_lora_base_rate() -> None:
     assert rates == {"supervised": 2e-4, "reward_model": 1e-4, "dpo": 5e-5}
 
 
-def test_only_rlhf_is_unsupported() -> None:
-    assert {m.value for m in cm.SUPPORTED_METHODS} == {"supervised", "reward_model", "dpo"}
+def test_every_method_is_supported() -> None:
+    assert {m.value for m in cm.SUPPORTED_METHODS} == {"supervised", "reward_model", "dpo", "rlhf"}
 
 
 def test_reward_model_maps_to_a_sequence_classifier() -> None:

@@ -220,7 +220,7 @@ def test_bad_data_fails_with_exit_42_and_line_numbers(
     assert not FileStorage(job.root).list(job_prefix("proj-test", job.job_id) + "adapter/")
 
 
-def test_unsupported_method_is_non_retriable(
+def test_rlhf_without_its_params_is_non_retriable(
     tmp_path: Path, event_sink: EventSink, make_job: Callable[..., TrainerJob], run_trainer: RunTrainer
 ) -> None:
     job = make_job(tmp_path, DEMO_DATA, event_sink.url, method={"type": "rlhf"})
@@ -228,9 +228,9 @@ def test_unsupported_method_is_non_retriable(
     assert result.returncode == 42
     error = json.loads(FileStorage(job.root).get_bytes(job_prefix("proj-test", job.job_id) + "error.json"))
     assert error == {
-        "code": "unsupported_method",
-        "message": "method 'rlhf' is not supported yet",
-        "param": "method.type",
+        "code": "missing_rlhf_params",
+        "message": "method.rlhf is required: an algorithm and a reward",
+        "param": "method.rlhf",
     }
 
 

@@ -15,11 +15,16 @@ from tuneforge_trainer.tiny_model import TINY_MODEL_ID
 
 DataFormat = Literal["messages", "prompt_completion"]
 
-# Methods this trainer runs; anything else (rlhf) is a non-retriable "unsupported_method".
-SUPPORTED_METHODS = frozenset({MethodType.supervised, MethodType.reward_model, MethodType.dpo})
+# Methods this trainer runs; anything else is a non-retriable "unsupported_method".
+SUPPORTED_METHODS = frozenset(MethodType)
 
 # Base learning rates for LoRA, per method (the usual starting points of TRL's examples).
-LORA_BASE_LR = {MethodType.supervised: 2e-4, MethodType.reward_model: 1e-4, MethodType.dpo: 5e-5}
+LORA_BASE_LR = {
+    MethodType.supervised: 2e-4,
+    MethodType.reward_model: 1e-4,
+    MethodType.dpo: 5e-5,
+    MethodType.rlhf: 1e-5,
+}
 # A random tiny model barely moves at LoRA rates in a few dozen steps; 1e-2 makes tests and the demo visible.
 TINY_MODEL_BASE_LR = 1e-2
 DEFAULT_N_EPOCHS = 3

@@ -21,6 +21,7 @@ from tuneforge_trainer.deepspeed_mapping import deepspeed_config
 from tuneforge_trainer.errors import ConfigError
 from tuneforge_trainer.events import EventReporter
 from tuneforge_trainer.preference_data import PreferenceData, load_preference_file
+from tuneforge_trainer.rlhf.prompts import PromptData, load_prompt_file
 from tuneforge_trainer.training import Resume, RunContext
 
 RESUME_DIR, RESUME_MANIFEST, INIT_ADAPTER_DIR = "resume", "resume-manifest.json", "init_adapter"
@@ -34,8 +35,8 @@ def log(text: str) -> None:
 class Inputs:
     """The validated training file and, when the job has one, the validation file."""
 
-    train: SFTData | PreferenceData
-    eval: SFTData | PreferenceData | None = None
+    train: SFTData | PreferenceData | PromptData
+    eval: SFTData | PreferenceData | PromptData | None = None
 
     def describe(self) -> str:
         train = self.train
@@ -47,14 +48,19 @@ class Inputs:
 def load_inputs(spec: JobSpec, storage: Storage) -> Inputs:
     """Download and validate the files; DataError (exit 42) lists each bad line."""
 
-    def load(key: str, param: str) -> SFTData | PreferenceData:
+    def load(key: str, param: str) -> SFTData | PreferenceData | PromptData:
         if spec.method.type == MethodType.supervised:
             return load_sft_file(storage, key, param)
+        if spec.method.type == MethodType.rlhf:  # prompts only: the policy writes the answers
+            return load_prompt_file(storage, key, param)
         # K-way rankings train a reward model; DPO takes pairs.
         return load_preference_file(
             storage, key, allow_rankings=spec.method.type == MethodType.reward_model, param=param
         )
 
+    if spec.method.type == MethodType.rlhf and spec.method.rlhf is None:
+        message = "method.rlhf is required: an algorithm and a reward"
+        raise ConfigError("missing_rlhf_params", message, "method.rlhf")
     train = load(spec.training_file_key, "training_file")
     evaluation = load(spec.validation_file_key, "validation_file") if spec.validation_file_key else None
     return Inputs(train, evaluation)
@@ -142,6 +148,10 @@ def train_and_publish(ctx: RunContext, inputs: Inputs, storage: Storage) -> dict
         from tuneforge_trainer.sft import train_sft
 
         metrics = train_sft(ctx, inputs.train, inputs.eval)  # type: ignore[arg-type]
+    elif method == MethodType.rlhf:
+        from tuneforge_trainer.rlhf.train import train_rlhf
+
+        metrics = train_rlhf(ctx, inputs.train)  # type: ignore[arg-type]
     elif method == MethodType.reward_model:
         from tuneforge_trainer.reward_model import train_reward_model
 

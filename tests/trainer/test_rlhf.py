@@ -1,0 +1,289 @@
+"""rlhf end to end: ``python -m tuneforge_trainer`` with PPO (ours), GRPO and RLOO on the tiny model.
+
+A reward model is trained first on the synthetic "the better answer names Forgeville" pairs
+(shared by the module). PPO then optimises a fresh policy against it: the mean RM score of the
+last rollouts must clearly exceed that of the first, with the KL to the reference finite.
+GRPO learns a built-in rule reward; RLOO uses the reward model as its reward function.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from tests.trainer.synthetic import QUESTIONS, jsonl, marker_pairs, marker_rankings
+from tuneforge.storage import FileStorage, adapter_prefix, get_dir, job_prefix
+
+if TYPE_CHECKING:
+    from tests.trainer.conftest import EventSink, TrainerJob, TrainerProcess
+
+RunTrainer = Callable[["TrainerJob"], subprocess.CompletedProcess[str]]
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
+RM_JOB = "ftjob-rm"
+
+
+def chat_prompts(system: bool = False) -> list[dict[str, Any]]:
+    head = [{"role": "system", "content": "You are a helpful guide to Tuneland."}] if system else []
+    return [{"messages": [*head, {"role": "user", "content": q}], "answer": "Forgeville"} for q in QUESTIONS]
+
+
+PROMPTS = chat_prompts() + chat_prompts(system=True)  # 12 prompts
+
+
+@dataclass
+class Run:
+    job: TrainerJob
+    returncode: int
+    log: str
+    events: list[dict[str, Any]]
+
+    def metrics_with(self, key: str) -> list[dict[str, Any]]:
+        return [e["data"] for e in self.events if e["type"] == "metrics" and key in e["data"]]
+
+    def manifest(self) -> dict[str, Any]:
+        prefix = adapter_prefix(self.job.spec["project_id"], self.job.job_id)
+        return json.loads(FileStorage(self.job.root).get_bytes(prefix + "manifest.json"))
+
+    def error(self) -> dict[str, Any]:
+        key = job_prefix(self.job.spec["project_id"], self.job.job_id) + "error.json"
+        return json.loads(FileStorage(self.job.root).get_bytes(key))
+
+
+def rlhf_method(algorithm: str, **hp: Any) -> dict[str, Any]:
+    params: dict[str, Any] = {"algorithm": algorithm, "hyperparameters": hp}
+    if "reward_function" in hp:
+        params["reward_function"] = hp.pop("reward_function")
+    else:
+        params["reward_model"] = RM_JOB
+    return {"type": "rlhf", "rlhf": params}
+
+
+def share_rm(job: TrainerJob, rm: TrainerJob) -> None:
+    """Copy the RM job's published adapter into this job's storage, as the API would point at it."""
+    import shutil
+
+    src = rm.root / adapter_prefix(rm.spec["project_id"], rm.job_id)
+    dest = job.root / adapter_prefix(rm.spec["project_id"], rm.job_id)
+    shutil.copytree(src, dest, dirs_exist_ok=True)
+    job.spec["reward_model_key"] = adapter_prefix(rm.spec["project_id"], rm.job_id)
+    job.spec_path.write_text(json.dumps(job.spec))
+
+
+@pytest.fixture(scope="module")
+def runs(
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_model_dir: Path,
+    module_event_sink: EventSink,
+    make_job: Callable[..., TrainerJob],
+    start_trainer: Callable[..., TrainerProcess],
+) -> dict[str, Run]:
+    """RM alongside GRPO (rule reward), then PPO alongside RLOO (both against the RM)."""
+    folder = tmp_path_factory.mktemp("rlhf")
+    url = module_event_sink.url
+    rm = make_job(
+        folder / "rm",
+        jsonl(marker_pairs(24, seed=1) + marker_rankings(8, seed=2, k=3)),
+        url,
+        job_id=RM_JOB,
+        method={
+            "type": "reward_model",
+            "reward_model": {"hyperparameters": {"n_epochs": 3, "batch_size": 8}},
+        },
+        lora=LORA,
+    )
+    grpo = make_job(
+        folder / "grpo",
+        jsonl(PROMPTS),
+        url,
+        job_id="ftjob-grpo",
+        method=rlhf_method(
+            "grpo",
+            reward_function={"type": "length", "target_length": 4},
+            n_epochs=4,
+            batch_size=8,
+            num_generations=4,
+            max_new_tokens=12,
+            ppo_epochs=1,
+        ),
+        lora=LORA,
+    )
+    first = {"rm": start_trainer(rm, folder / "rm.log"), "grpo": start_trainer(grpo, folder / "grpo.log")}
+    codes = {name: p.wait() for name, p in first.items()}
+    assert codes["rm"] == 0, first["rm"].log[-3000:]
+    ppo = make_job(
+        folder / "ppo",
+        jsonl(PROMPTS),
+        url,
+        job_id="ftjob-ppo",
+        method=rlhf_method(
+            "ppo",
+            n_epochs=12,
+            batch_size=3,
+            rollout_batch_size=12,
+            ppo_epochs=2,
+            max_new_tokens=16,
+            kl_coef=0.05,
+            learning_rate_multiplier=0.1,
+            checkpoint_every=4,
+        ),
+        lora=LORA,
+    )
+    rloo = make_job(
+        folder / "rloo",
+        jsonl(PROMPTS[:6]),
+        url,
+        job_id="ftjob-rloo",
+        method=rlhf_method(
+            "rloo", n_epochs=1, batch_size=4, num_generations=2, max_new_tokens=8, ppo_epochs=1
+        ),
+        lora=LORA,
+    )
+    for job in (ppo, rloo):
+        share_rm(job, rm)
+    second = {"ppo": start_trainer(ppo, folder / "ppo.log"), "rloo": start_trainer(rloo, folder / "rloo.log")}
+    codes.update({name: p.wait() for name, p in second.items()})
+    return {
+        name: Run(p.job, codes[name], p.log, module_event_sink.events(p.job.job_id))
+        for name, p in {**first, **second}.items()
+    }
+
+
+def test_ppo_raises_the_reward_model_score(runs: dict[str, Run]) -> None:
+    run = runs["ppo"]
+    assert run.returncode == 0, run.log[-4000:]
+    steps = run.metrics_with("reward_mean")
+    assert [s["step"] for s in steps] == list(range(1, 13))
+    keys = {
+        "reward_mean",
+        "kl",
+        "entropy",
+        "clip_frac",
+        "value_loss",
+        "policy_loss",
+        "approx_kl",
+        "response_length",
+        "step",
+        "total_steps",
+    }
+    assert keys <= set(steps[0])
+    rewards = [s["reward_mean"] for s in steps]
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    print(f"PPO reward: first 3 {first:.3f}, last 3 {last:.3f}; kl {[round(s['kl'], 1) for s in steps]}")
+    # Stated size: +0.5 RM score units over the first rollouts (the RM's margins are ~2-10). FRAGILE: on
+    # the random tiny policy this holds for seed 42 (deterministic here), not for every seed; see report.
+    assert last > first + 0.5, rewards
+    assert all(abs(s["kl"]) < 50 for s in steps)  # finite and bounded
+    manifest = run.manifest()
+    assert manifest["method"] == "rlhf" and manifest["metrics"]["algorithm"] == "ppo"
+    assert manifest["metrics"]["steps"] == 12
+
+
+def test_ppo_adapter_loads_onto_the_base(runs: dict[str, Run], tiny_model_dir: Path, tmp_path: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = runs["ppo"]
+    adapter_dir = tmp_path / "adapter"
+    get_dir(FileStorage(run.job.root), adapter_prefix("proj-test", run.job.job_id), adapter_dir)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM" and config["base_model_name_or_path"] == "tuneforge/tiny-llama"
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter_dir)
+    ids = tokenizer.apply_chat_template(
+        [PROMPTS[0]["messages"][0]], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        tuned = model(**ids).logits
+        with model.disable_adapter():
+            plain = model(**ids).logits
+    assert not torch.allclose(tuned, plain)
+
+
+def test_ppo_uploads_resumable_checkpoints(runs: dict[str, Run]) -> None:
+    from tuneforge.storage import complete_checkpoint_steps
+
+    run = runs["ppo"]
+    steps = complete_checkpoint_steps(FileStorage(run.job.root), "proj-test", run.job.job_id)
+    assert steps == [4, 8]  # every 4 rollouts; the last one is the published adapter
+
+
+def test_grpo_learns_a_rule_reward(runs: dict[str, Run]) -> None:
+    run = runs["grpo"]
+    assert run.returncode == 0, run.log[-4000:]
+    rewards = [s["reward_mean"] for s in run.metrics_with("reward_mean")]
+    assert len(rewards) >= 6
+    k = len(rewards) // 3
+    first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
+    print(f"GRPO length reward: first {first:.3f}, last {last:.3f}")
+    assert last > first
+    assert run.manifest()["metrics"]["algorithm"] == "grpo"
+
+
+def test_rloo_with_the_reward_model_runs_and_publishes(runs: dict[str, Run]) -> None:
+    run = runs["rloo"]
+    assert run.returncode == 0, run.log[-4000:]
+    assert run.metrics_with("reward_mean")
+    manifest = run.manifest()
+    assert manifest["metrics"]["algorithm"] == "rloo"
+    assert "adapter_model.safetensors" in manifest["files"]
+
+
+def _ppo_job(
+    tmp_path: Path, url: str, make_job: Callable[..., TrainerJob], data: bytes | None = None
+) -> TrainerJob:
+    return make_job(
+        tmp_path, data or jsonl(PROMPTS), url, job_id="ftjob-bad", method=rlhf_method("ppo"), lora=LORA
+    )
+
+
+def test_missing_reward_model_is_non_retriable(
+    tmp_path: Path, event_sink: EventSink, make_job: Callable[..., TrainerJob], run_trainer: RunTrainer
+) -> None:
+    job = _ppo_job(tmp_path, event_sink.url, make_job)
+    job.spec["reward_model_key"] = adapter_prefix("proj-test", "ftjob-gone")
+    job.spec_path.write_text(json.dumps(job.spec))
+    result = run_trainer(job)
+    assert result.returncode == 42, result.stderr[-3000:]
+    error = Run(job, 42, "", []).error()
+    assert error["code"] == "reward_model_not_found" and error["param"] == "method.rlhf.reward_model"
+    assert "Traceback" not in result.stderr
+
+
+def test_reward_model_on_another_base_is_non_retriable(
+    runs: dict[str, Run],
+    tmp_path: Path,
+    event_sink: EventSink,
+    make_job: Callable[..., TrainerJob],
+    run_trainer: RunTrainer,
+) -> None:
+    job = _ppo_job(tmp_path, event_sink.url, make_job)
+    share_rm(job, runs["rm"].job)
+    key = job.root / job.spec["reward_model_key"] / "manifest.json"
+    manifest = json.loads(key.read_text())
+    manifest["base_model"] = "acme/other-base"
+    key.write_text(json.dumps(manifest))
+    result = run_trainer(job)
+    assert result.returncode == 42, result.stderr[-3000:]
+    error = Run(job, 42, "", []).error()
+    assert error["code"] == "reward_model_base_mismatch"
+    assert "'acme/other-base'" in error["message"] and "'tuneforge/tiny-llama'" in error["message"]
+
+
+def test_prompt_with_an_assistant_answer_is_non_retriable(
+    tmp_path: Path, event_sink: EventSink, make_job: Callable[..., TrainerJob], run_trainer: RunTrainer
+) -> None:
+    answered = {"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]}
+    job = _ppo_job(tmp_path, event_sink.url, make_job, jsonl([*PROMPTS[:2], answered]))
+    result = run_trainer(job)
+    assert result.returncode == 42
+    error = Run(job, 42, "", []).error()
+    assert error["code"] == "invalid_training_file"
+    assert "line 3: the last message is the assistant's" in error["message"]

@@ -1,0 +1,116 @@
+"""PPO arithmetic on hand-computed tensors, the built-in rewards, and the prompts file checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tuneforge.types import RewardFunction
+from tuneforge_trainer.data import DataError
+from tuneforge_trainer.errors import ConfigError
+from tuneforge_trainer.rlhf import ppo_math as pm
+from tuneforge_trainer.rlhf.prompts import parse_prompt_lines
+from tuneforge_trainer.rlhf.rewards import build_reward_function, check_references
+
+T = torch.tensor
+
+
+def test_eos_truncation_keeps_the_first_eos_and_flags_missing_ones() -> None:
+    mask, has_eos = pm.truncate_after_eos(T([[5, 2, 7, 2], [5, 6, 7, 8]]), eos_id=2)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert has_eos.tolist() == [True, False]
+    assert pm.penalize_missing_eos(T([1.0, 1.0]), has_eos, 0.5).tolist() == [1.0, 0.5]
+    assert pm.penalize_missing_eos(T([1.0, 1.0]), has_eos, None).tolist() == [1.0, 1.0]
+
+
+def test_kl_penalty_per_token_and_score_on_the_last_token() -> None:
+    logp = T([[-1.0, -2.0, -3.0]])
+    ref = T([[-1.5, -1.0, -9.0]])
+    mask = T([[1.0, 1.0, 0.0]])
+    rewards, kl = pm.kl_shaped_rewards(T([2.0]), logp, ref, mask, kl_coef=0.1)
+    assert kl.tolist() == [[0.5, -1.0, 0.0]]
+    # -0.1 * 0.5 = -0.05; -0.1 * -1.0 + 2.0 = 2.1; nothing past the end
+    assert torch.allclose(rewards, T([[-0.05, 2.1, 0.0]]))
+
+
+def test_gae_by_hand() -> None:
+    rewards, values, mask = T([[0.0, 1.0, 0.0]]), T([[0.5, 0.2, 9.0]]), T([[1.0, 1.0, 0.0]])
+    adv, ret = pm.gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    # t=1: δ = 1 + 0.9*0 - 0.2 = 0.8, A = 0.8
+    # t=0: δ = 0 + 0.9*0.2 - 0.5 = -0.32, A = -0.32 + 0.45*0.8 = 0.04
+    assert torch.allclose(adv, T([[0.04, 0.8, 0.0]]))
+    assert torch.allclose(ret, T([[0.54, 1.0, 0.0]]))
+
+
+def test_whiten_over_the_mask_only() -> None:
+    x, mask = T([[1.0, 3.0, 100.0]]), T([[1.0, 1.0, 0.0]])
+    out = pm.whiten(x, mask)
+    # mean 2, unbiased var 2 -> ±1/sqrt(2); the masked entry is zeroed
+    assert torch.allclose(out, T([[-(0.5**0.5), 0.5**0.5, 0.0]]), atol=1e-6)
+    assert torch.allclose(
+        pm.whiten(x, mask, shift_mean=False), T([[2 - 0.5**0.5, 2 + 0.5**0.5, 0.0]]), atol=1e-6
+    )
+
+
+def test_clipped_policy_loss_by_hand() -> None:
+    old = T([[0.0, 0.0]])
+    new = torch.log(T([[1.5, 0.5]]))  # ratios 1.5 and 0.5
+    adv, mask = T([[1.0, -1.0]]), T([[1.0, 1.0]])
+    loss, stats = pm.policy_loss(new, old, adv, mask, clip_range=0.2)
+    # token 0: max(-1.5, -1.2) = -1.2 (clipped); token 1: max(0.5, 0.8) = 0.8 (clipped)
+    assert torch.isclose(loss, T(-0.2))
+    assert stats["clip_frac"] == 1.0
+    expected_kl = 0.5 * (torch.log(T(1.5)) ** 2 + torch.log(T(0.5)) ** 2) / 2
+    assert stats["approx_kl"] == pytest.approx(float(expected_kl))
+    same, stats = pm.policy_loss(old, old, adv, mask, clip_range=0.2)
+    assert float(same) == 0.0 and stats["clip_frac"] == 0.0
+
+
+def test_clipped_value_loss_by_hand() -> None:
+    old, new, ret, mask = T([[1.0, 1.0]]), T([[2.0, 1.1]]), T([[3.0, 0.0]]), T([[1.0, 1.0]])
+    loss, stats = pm.value_loss(new, old, ret, mask, clip_range_value=0.2)
+    # token 0: unclipped (2-3)^2 = 1, clipped (1.2-3)^2 = 3.24 -> 3.24; token 1: (1.1)^2 = 1.21 both
+    assert torch.isclose(loss, T(0.5 * (3.24 + 1.21) / 2))
+    assert stats["value_clip_frac"] == 0.5
+
+
+def test_builtin_rewards() -> None:
+    contains = build_reward_function(RewardFunction(type="contains"))
+    chat = [[{"role": "assistant", "content": "It is forgeville."}], [{"role": "assistant", "content": "No"}]]
+    assert contains([None, None], chat, answer=["Forgeville", "Forgeville"]) == [1.0, 0.0]
+    exact = build_reward_function(RewardFunction(type="exact_match", field="ref"))
+    assert exact([None, None], [" forgeville ", "Forgeville!"], ref=["Forgeville", "Forgeville"]) == [
+        1.0,
+        0.0,
+    ]
+    valid = build_reward_function(RewardFunction(type="json_valid"))
+    assert valid([None, None], ['{"a": 1}', "{a"]) == [1.0, 0.0]
+    length = build_reward_function(RewardFunction(type="length", target_length=4))
+    assert length([None, None], ["", ""], completion_ids=[[1, 2, 3, 4], [1, 2]]) == [0.0, -0.5]
+    with pytest.raises(ConfigError, match="target_length"):
+        build_reward_function(RewardFunction(type="length"))
+    with pytest.raises(ConfigError, match="unknown reward function"):
+        build_reward_function(
+            RewardFunction.model_construct(type="python", field="answer", target_length=None)
+        )
+    with pytest.raises(ConfigError) as info:
+        check_references(RewardFunction(type="contains"), [{"prompt": "q", "answer": "x"}, {"prompt": "q"}])
+    assert info.value.code == "missing_reference" and "prompt(s) 2" in info.value.message
+
+
+def test_prompts_file_checks() -> None:
+    good = parse_prompt_lines([b'{"messages": [{"role": "user", "content": "Hi"}], "answer": "x"}'])
+    assert good.conversational and good.records[0]["answer"] == "x"
+    assert parse_prompt_lines([b'{"prompt": "Hi"}']).format == "prompt"
+    with pytest.raises(DataError) as info:
+        parse_prompt_lines(
+            [
+                b'{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}',
+                b'{"prompt": "Q", "completion": "A"}',
+                b'{"text": "Q"}',
+            ]
+        )
+    message = info.value.message
+    assert "line 1: the last message is the assistant's" in message and "(final_assistant_message)" in message
+    assert "line 2:" in message and "(unexpected_answer)" in message
+    assert "line 3:" in message and "(missing_prompt)" in message
