@@ -89,3 +89,57 @@ def test_killed_trainer_resumes_from_its_checkpoint(service: Service, tmp_path: 
     assert any(m.startswith("resumed from step ") and m.endswith("(attempt 2)") for m in messages), messages
     steps = [c.step_number for c in client.jobs.checkpoints(job.id)]
     assert steps == sorted(steps, reverse=True) and steps[-1] == 4
+
+
+def test_rlhf_loop_reward_model_then_ppo_and_grpo(service: Service, tmp_path: Path) -> None:
+    """The seed's RLHF: rankings train a reward model; PPO then trains the policy against it.
+    GRPO runs on the same prompts with a built-in reward."""
+    client = service.client()
+    prompts = client.files.upload(Path(__file__).resolve().parents[2] / "examples" / "rlhf_prompts.jsonl").id
+    train = upload(service, tmp_path, "rm_train.jsonl", jsonl(marker_pairs(24, seed=1)))
+    rm = client.create_job(
+        model=TINY,
+        training_file=train,
+        seed=0,
+        method={
+            "type": "reward_model",
+            "reward_model": {"hyperparameters": {"n_epochs": 3, "batch_size": 8}},
+        },
+    )
+    rm = client.jobs.wait(rm.id, timeout=900, poll_interval=0.5)
+    assert rm.status == JobStatus.succeeded, [e.message for e in client.jobs.events(rm.id)]
+
+    hp = {"n_epochs": 1, "batch_size": 4, "rollout_batch_size": 8, "max_new_tokens": 8}
+    ppo = client.create_job(
+        model=TINY,
+        training_file=prompts,
+        seed=0,
+        method={"type": "rlhf", "rlhf": {"algorithm": "ppo", "reward_model": rm.id, "hyperparameters": hp}},
+    )
+    grpo = client.create_job(
+        model=TINY,
+        training_file=prompts,
+        seed=0,
+        method={
+            "type": "rlhf",
+            "rlhf": {
+                "algorithm": "grpo",
+                "reward_function": {"type": "contains"},
+                "hyperparameters": {**hp, "num_generations": 4},
+            },
+        },
+    )
+    for job in (ppo, grpo):
+        done = client.jobs.wait(job.id, timeout=900, poll_interval=0.5)
+        events = list(client.jobs.events(job.id))
+        assert done.status == JobStatus.succeeded, [e.message for e in events]
+        assert metrics(events, "reward_mean"), "no reward metrics were reported"
+        assert (client.adapters.download(job.id, tmp_path / job.id) / "adapter_model.safetensors").is_file()
+    ppo_events = list(client.jobs.events(ppo.id))
+    assert all(
+        k in metrics_keys(ppo_events) for k in ("kl", "value_loss", "clip_frac", "approx_kl", "entropy")
+    )
+
+
+def metrics_keys(events) -> set[str]:
+    return {k for e in events if e.type == "metrics" and e.data for k in e.data}
