@@ -27,6 +27,7 @@ from tuneforge.types import (
     Hyperparameters,
     Job,
     JobCreate,
+    JobValidation,
     Method,
     MethodType,
     Model,
@@ -124,6 +125,11 @@ class Calls:
     def create_job(body: JobCreate | dict[str, Any]) -> Call:
         payload = body.model_dump(mode="json", exclude_unset=True) if isinstance(body, JobCreate) else body
         return Call("POST", "/v1/fine_tuning/jobs", Job.model_validate, json=payload)
+
+    @staticmethod
+    def validate_job(body: JobCreate | dict[str, Any]) -> Call:
+        payload = body.model_dump(mode="json", exclude_unset=True) if isinstance(body, JobCreate) else body
+        return Call("POST", "/v1/fine_tuning/jobs/validate", JobValidation.model_validate, json=payload)
 
     @staticmethod
     def get_job(job_id: str) -> Call:

@@ -33,6 +33,7 @@ from tuneforge.types import (
     FileObject,
     Job,
     JobCreate,
+    JobValidation,
     Method,
     Model,
     Page,
@@ -173,6 +174,19 @@ class AsyncFiles:
     async def delete(self, file_id: str) -> bool:
         return await self._c.call(Calls.delete_file(file_id))
 
+    async def wait_for_processing(
+        self, file_id: str, *, timeout: float = 1800.0, poll_interval: float = 1.0
+    ) -> FileObject:
+        """Wait until a (large) upload is validated: "processed" or "error"."""
+        deadline = time.monotonic() + timeout
+        while True:
+            f = await self.get(file_id)
+            if f.status != "uploaded":
+                return f
+            if time.monotonic() >= deadline:
+                raise errors.JobTimeoutError(f"file {file_id} still being validated after {timeout}s")
+            await asyncio.sleep(poll_interval)
+
 
 class AsyncJobs:
     def __init__(self, client: AsyncClient) -> None:
@@ -183,6 +197,10 @@ class AsyncJobs:
 
     async def get(self, job_id: str) -> Job:
         return await self._c.call(Calls.get_job(job_id))
+
+    async def validate(self, body: JobCreate | dict[str, Any]) -> JobValidation:
+        """A dry run of ``create``; creates nothing."""
+        return await self._c.call(Calls.validate_job(body))
 
     async def list(self, *, limit: int = 20, after: str | None = None) -> Page[Job]:
         return await self._c.call(Calls.list_jobs(limit=limit, after=after))

@@ -247,8 +247,7 @@ class Jobs:
     def validate(self, body: JobCreate | dict[str, Any]) -> JobValidation:
         """A dry run of ``create``: the files' reports, token statistics, resolved hyperparameters
         and an estimated time. Creates nothing; raises what ``create`` would raise."""
-        payload = body.model_dump(mode="json", exclude_unset=True) if isinstance(body, JobCreate) else body
-        return JobValidation.model_validate(self._c.post_json("/v1/fine_tuning/jobs/validate", payload))
+        return self._c.call(Calls.validate_job(body))
 
     def list(self, *, limit: int = 20, after: str | None = None) -> Page[Job]:
         return self._c.call(Calls.list_jobs(limit=limit, after=after))
