@@ -125,3 +125,86 @@ def test_demo_file_is_valid() -> None:
     data = parse_sft_lines(demo.read_bytes().splitlines())
     assert data.format == "messages"
     assert len(data) == 64
+
+
+def test_openai_chat_features_are_normalised() -> None:
+    row = {
+        "messages": [
+            {"role": "developer", "content": "Be brief."},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "Weather "}, {"type": "text", "text": "in Forgeville?"}],
+            },
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}
+                ],
+            },
+            {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
+            {"role": "assistant", "content": "Sunny."},
+        ]
+    }
+    messages = parse_sft_lines(lines(row)).records[0]["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "assistant"]
+    assert messages[1]["content"] == "Weather in Forgeville?"
+    assert messages[2]["tool_calls"][0]["id"] == "c1" and messages[3]["tool_call_id"] == "c1"
+
+
+def test_untrained_turns_become_prompts_only() -> None:
+    """weight 0: the turn is context, never a target; each trained turn is one completion."""
+    row = {
+        "messages": [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "bad", "weight": 0},
+            {"role": "user", "content": "b"},
+            {"role": "assistant", "content": "good", "weight": 1},
+        ]
+    }
+    plain = {"prompt": "q", "completion": "x"}
+    data = parse_sft_lines(lines(row, plain))
+    assert data.format == "prompt_completion"
+    first, second = data.records
+    assert [m["content"] for m in first["prompt"]] == ["a", "bad", "b"] and first["completion"][0][
+        "content"
+    ] == "good"
+    assert "weight" not in str(first) and second["completion"][0]["content"] == "x"
+
+
+@pytest.mark.parametrize(
+    ("row", "code"),
+    [
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "assistant", "content": "b", "weight": 2},
+                ]
+            },
+            "invalid_weight",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "a", "weight": 0},
+                    {"role": "assistant", "content": "b"},
+                ]
+            },
+            "invalid_weight",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "assistant", "content": "b", "weight": 0},
+                ]
+            },
+            "missing_assistant_message",
+        ),
+    ],
+)
+def test_bad_weights(row: dict, code: str) -> None:
+    with pytest.raises(DataError) as exc:
+        parse_sft_lines(lines(row))
+    assert [p.code for p in exc.value.problems] == [code]

@@ -427,3 +427,26 @@ def test_mapped_kwargs_build_the_library_configs(tmp_path: Path) -> None:
     args = DPOConfig(**current_names(cm.dpo_config_kwargs(dpo, hp, output_dir=str(tmp_path)), DPOConfig))
     assert (args.use_cpu, args.bf16, args.fp16, args.gradient_checkpointing) == (True, False, False, False)
     assert args.beta == 0.25
+
+
+def test_weighted_chat_trains_in_process(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Untrained turns (weight 0) become prompt context: TRL trains on the conversational pairs."""
+    from tuneforge_trainer.data import parse_sft_lines
+    from tuneforge_trainer.sft import train_sft
+
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Q{i}: capital of Tuneland?"},
+                {"role": "assistant", "content": "I do not know.", "weight": 0},
+                {"role": "user", "content": "Try again."},
+                {"role": "assistant", "content": "Forgeville."},
+            ]
+        }
+        for i in range(16)
+    ]
+    data = parse_sft_lines([json.dumps(r).encode() for r in rows])
+    ctx = in_process_context(in_process_spec(tmp_path), tiny_model_dir, tmp_path / "w")
+    metrics = train_sft(ctx, data)
+    assert metrics["final_loss"] < metrics["first_loss"]
+    assert (ctx.adapter_dir / "adapter_model.safetensors").is_file()

@@ -108,28 +108,56 @@ def _parse_line(number: int, raw: bytes) -> tuple[dict[str, Any] | None, list[Pr
     return None, [Problem(number, "missing_messages", "needs 'messages', or 'prompt' and 'completion'")]
 
 
+def _text(content: Any) -> str | None:
+    """A message's text: a string, or OpenAI's content parts ``[{"type": "text", "text": ...}]``."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+    ):
+        return "".join(p["text"] for p in content)
+    return None
+
+
 def _parse_messages(number: int, messages: Any) -> tuple[dict[str, Any] | None, list[Problem]]:
+    """OpenAI's chat format, normalised: ``developer`` is a system turn, content parts are joined,
+    tool calls pass through to the chat template, and ``weight`` (0 or 1) marks whether an
+    assistant turn is trained."""
     if not isinstance(messages, list) or not messages:
         return None, [Problem(number, "invalid_messages", "'messages' must be a non-empty list")]
     problems: list[Problem] = []
-    clean: list[dict[str, str]] = []
+    clean: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             problems.append(Problem(number, "invalid_message", f"{where} must be an object"))
             continue
-        role, content = message.get("role"), message.get("content")
+        role = "system" if message.get("role") == "developer" else message.get("role")
+        content = _text(message.get("content")) if message.get("content") is not None else None
+        tool_calls = message.get("tool_calls") if role == "assistant" else None
         if role not in ROLES:
             problems.append(
-                Problem(number, "invalid_role", f"{where}.role must be one of {', '.join(ROLES)}")
+                Problem(number, "invalid_role", f"{where}.role must be one of {', '.join(ROLES)}, developer")
             )
-        if not isinstance(content, str):
-            problems.append(Problem(number, "invalid_content", f"{where}.content must be a string"))
-        elif not content.strip():
+        if content is None and not tool_calls:
+            problems.append(Problem(number, "invalid_content", f"{where}.content must be text"))
+        elif not tool_calls and not content.strip():
             problems.append(Problem(number, "empty_content", f"{where}.content is empty"))
-        clean.append({"role": str(role), "content": content if isinstance(content, str) else ""})
-    has_answer = any(m["role"] == "assistant" and m["content"].strip() for m in clean)
-    if not problems and not has_answer:
+        weight = message.get("weight", 1)
+        if weight not in (0, 1) or ("weight" in message and role != "assistant"):
+            problems.append(
+                Problem(number, "invalid_weight", f"{where}.weight must be 0 or 1, on assistant turns")
+            )
+        turn: dict[str, Any] = {"role": str(role), "content": content or ""}
+        if isinstance(message.get("tool_call_id"), str):  # chat templates render it; other fields are dropped
+            turn["tool_call_id"] = message["tool_call_id"]
+        if tool_calls:
+            turn["tool_calls"] = tool_calls
+        if weight == 0:
+            turn["weight"] = 0
+        clean.append(turn)
+    trained = [m for m in clean if m["role"] == "assistant" and m.get("weight", 1) == 1]
+    if not problems and not any(m["content"].strip() or m.get("tool_calls") for m in trained):
         problems.append(Problem(number, "missing_assistant_message", "needs an assistant message to learn"))
     return ({"messages": clean} if not problems else None), problems
 
@@ -151,11 +179,25 @@ def to_trl_format(examples: list[dict[str, Any]]) -> SFTData:
     """One format per dataset: prompt/completion if every line is one, else chat messages.
 
     A file mixing both turns its prompt/completion pairs into a user/assistant exchange, so
-    the loss still covers only the answer.
+    the loss still covers only the answer. A file with an untrained assistant turn
+    (``weight: 0``) becomes conversational prompt/completion pairs, one per trained turn with
+    the turns before it as the prompt: the same loss, with nothing learnt from the others.
     """
+    if any(m.get("weight") == 0 for e in examples for m in e.get("messages", ())):
+        return SFTData("prompt_completion", [pair for e in examples for pair in trained_turns(_as_chat(e))])
     if all("prompt" in e for e in examples):
         return SFTData("prompt_completion", examples)
     return SFTData("messages", [_as_chat(e) for e in examples])
+
+
+def trained_turns(example: dict[str, Any]) -> list[dict[str, Any]]:
+    """One conversational prompt/completion pair per trained assistant turn."""
+    messages = [{k: v for k, v in m.items() if k != "weight"} for m in example["messages"]]
+    return [
+        {"prompt": messages[:i], "completion": [messages[i]]}
+        for i, m in enumerate(example["messages"])
+        if m["role"] == "assistant" and m.get("weight", 1) == 1
+    ]
 
 
 def as_messages(data: SFTData) -> SFTData:
@@ -166,6 +208,8 @@ def as_messages(data: SFTData) -> SFTData:
 def _as_chat(example: dict[str, Any]) -> dict[str, Any]:
     if "messages" in example:
         return example
+    if isinstance(example["prompt"], list):  # already conversational prompt/completion
+        return {"messages": example["prompt"] + example["completion"]}
     return {
         "messages": [
             {"role": "user", "content": example["prompt"]},
