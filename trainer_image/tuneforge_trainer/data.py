@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,19 +77,28 @@ def load_sft_file(storage: Storage, key: str, param: str = "training_file") -> S
     return parse_sft_lines(download_lines(storage, key, param), param)
 
 
-def parse_sft_lines(lines: list[bytes], param: str = "training_file") -> SFTData:
-    """Validate every line, then convert; blank lines are skipped."""
+def parse_records(
+    lines: list[bytes], parse_line: Callable[[int, bytes], tuple[Any, list[Problem]]], *, nothing: str
+) -> tuple[list[Any], list[Problem]]:
+    """Parse every non-blank line with ``parse_line``; the records of clean lines, and every
+    problem (with its 1-based line number). ``nothing`` names what an empty file lacks."""
     problems: list[Problem] = []
-    examples: list[dict[str, Any]] = []
+    records: list[Any] = []
     for number, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
-        example, found = _parse_line(number, raw)
+        record, found = parse_line(number, raw)
         problems.extend(found)
-        if example is not None and not found:
-            examples.append(example)
-    if not problems and not examples:
-        problems.append(Problem(None, "empty_file", "the file has no examples"))
+        if record is not None and not found:
+            records.append(record)
+    if not problems and not records:
+        problems.append(Problem(None, "empty_file", f"the file has no {nothing}"))
+    return records, problems
+
+
+def parse_sft_lines(lines: list[bytes], param: str = "training_file") -> SFTData:
+    """Validate every line, then convert; blank lines are skipped."""
+    examples, problems = parse_records(lines, _parse_line, nothing="examples")
     if problems:
         raise DataError(problems, param)
     return to_trl_format(examples)

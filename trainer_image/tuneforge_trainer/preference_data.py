@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from tuneforge_trainer.data import ROLES, DataError, Problem, download_lines
+from tuneforge_trainer.data import ROLES, DataError, Problem, download_lines, parse_records
 
 PreferenceFormat = Literal["standard", "conversational"]
 T = TypeVar("T")
@@ -74,17 +74,9 @@ def parse_preference_lines(
     lines: list[bytes], *, allow_rankings: bool, param: str = "training_file"
 ) -> PreferenceData:
     """Validate every line, expand rankings, then convert to one format; blank lines are skipped."""
-    problems: list[Problem] = []
-    examples: list[tuple[Any, list[tuple[Any, Any, float]]]] = []
-    for number, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        example, found = _parse_line(number, raw, allow_rankings)
-        problems.extend(found)
-        if example is not None and not found:
-            examples.append(example)
-    if not problems and not examples:
-        problems.append(Problem(None, "empty_file", "the file has no examples"))
+    examples, problems = parse_records(
+        lines, lambda number, raw: _parse_line(number, raw, allow_rankings), nothing="examples"
+    )
     if problems:
         raise DataError(problems, param)
     return _to_trl_format(examples, weighted=allow_rankings)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from tuneforge.storage import Storage
-from tuneforge_trainer.data import ROLES, DataError, Problem, download_lines
+from tuneforge_trainer.data import ROLES, DataError, Problem, download_lines, parse_records
 
 PromptFormat = Literal["messages", "prompt"]
 
@@ -37,17 +37,7 @@ def load_prompt_file(storage: Storage, key: str, param: str = "training_file") -
 
 
 def parse_prompt_lines(lines: list[bytes], param: str = "training_file") -> PromptData:
-    problems: list[Problem] = []
-    records: list[dict[str, Any]] = []
-    for number, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        record, found = _parse_line(number, raw)
-        problems.extend(found)
-        if record is not None and not found:
-            records.append(record)
-    if not problems and not records:
-        problems.append(Problem(None, "empty_file", "the file has no prompts"))
+    records, problems = parse_records(lines, _parse_line, nothing="prompts")
     kinds = {isinstance(r["prompt"], list) for r in records}
     if not problems and len(kinds) > 1:
         problems.append(Problem(None, "mixed_formats", "use either 'prompt' or 'messages' on every line"))
