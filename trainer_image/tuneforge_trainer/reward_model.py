@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from tuneforge_trainer.config_mapping import resolve_hyperparameters, reward_config_kwargs
-from tuneforge_trainer.modeling import bnb_config, load_tokenizer, max_length_for, model_and_lora
+from tuneforge_trainer.modeling import load_tokenizer, max_length_for
 from tuneforge_trainer.preference_data import PreferenceData, one_schema
 from tuneforge_trainer.training import RunContext, callbacks, fit
 
@@ -34,7 +34,6 @@ def train_reward_model(
     spec = ctx.spec
     data, eval_data = one_schema(data, eval_data)
     tokenizer = load_tokenizer(spec, ctx.base_model_dir, chat=data.format == "conversational")
-    quantization = bnb_config(spec, zero_stage=ctx.zero_stage)
     hp = resolve_hyperparameters(spec.method.params.hyperparameters, len(data))
     kwargs = reward_config_kwargs(
         spec,
@@ -42,14 +41,7 @@ def train_reward_model(
         max_length=max_length_for(ctx.base_model_dir),
         **ctx.config_kwargs(has_eval=eval_data is not None),
     )
-    model, peft_config = model_and_lora(
-        spec,
-        ctx.base_model_dir,
-        tokenizer,
-        init_adapter_dir=ctx.init_adapter_dir,
-        quantization=quantization,
-        distributed=ctx.distributed,
-    )
+    model, peft_config, quantization = ctx.model_and_lora(tokenizer)
     progress = ProgressCallback(ctx.reporter)
     trainer = weighted_reward_trainer_class()(
         model=model,

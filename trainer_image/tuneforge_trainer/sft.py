@@ -11,7 +11,7 @@ from typing import Any
 
 from tuneforge_trainer.config_mapping import resolve_hyperparameters, sft_config_kwargs
 from tuneforge_trainer.data import SFTData, as_messages
-from tuneforge_trainer.modeling import bnb_config, load_tokenizer, max_length_for, model_and_lora
+from tuneforge_trainer.modeling import load_tokenizer, max_length_for
 from tuneforge_trainer.training import RunContext, callbacks, fit
 
 
@@ -26,7 +26,6 @@ def train_sft(ctx: RunContext, data: SFTData, eval_data: SFTData | None = None) 
         data, eval_data = as_messages(data), as_messages(eval_data)
     spec = ctx.spec
     tokenizer = load_tokenizer(spec, ctx.base_model_dir, chat=data.format == "messages")
-    quantization = bnb_config(spec, zero_stage=ctx.zero_stage)
     hp = resolve_hyperparameters(spec.method.params.hyperparameters, len(data))
     kwargs = sft_config_kwargs(
         spec,
@@ -35,14 +34,7 @@ def train_sft(ctx: RunContext, data: SFTData, eval_data: SFTData | None = None) 
         max_length=max_length_for(ctx.base_model_dir),
         **ctx.config_kwargs(has_eval=eval_data is not None),
     )
-    model, peft_config = model_and_lora(
-        spec,
-        ctx.base_model_dir,
-        tokenizer,
-        init_adapter_dir=ctx.init_adapter_dir,
-        quantization=quantization,
-        distributed=ctx.distributed,
-    )
+    model, peft_config, quantization = ctx.model_and_lora(tokenizer)
     progress = ProgressCallback(ctx.reporter)
     trainer = SFTTrainer(
         model=model,

@@ -51,6 +51,22 @@ class RunContext:
     def adapter_dir(self) -> Path:
         return self.work_dir / "adapter"
 
+    def model_and_lora(self, tokenizer: Any) -> tuple[Any, Any, Any]:
+        """``(model, peft_config, quantization)`` for this run's TRL trainer; see
+        ``modeling.model_and_lora``."""
+        from tuneforge_trainer.modeling import bnb_config, model_and_lora
+
+        quantization = bnb_config(self.spec, zero_stage=self.zero_stage)
+        model, peft_config = model_and_lora(
+            self.spec,
+            self.base_model_dir,
+            tokenizer,
+            init_adapter_dir=self.init_adapter_dir,
+            quantization=quantization,
+            distributed=self.distributed,
+        )
+        return model, peft_config, quantization
+
     def config_kwargs(self, *, has_eval: bool) -> dict[str, Any]:
         """The run-dependent arguments of every ``*_config_kwargs`` mapping."""
         return {

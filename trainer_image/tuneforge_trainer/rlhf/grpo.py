@@ -93,7 +93,6 @@ def train_group_rl(ctx: RunContext, data: PromptData, reward_fn: Any, tokenizer:
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     from tuneforge_trainer.config_mapping import resolve_hyperparameters
-    from tuneforge_trainer.modeling import bnb_config, model_and_lora
     from tuneforge_trainer.sft import current_names
 
     spec = ctx.spec
@@ -101,15 +100,7 @@ def train_group_rl(ctx: RunContext, data: PromptData, reward_fn: Any, tokenizer:
     config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if algorithm == "grpo" else (RLOOConfig, RLOOTrainer)
     hp = resolve_hyperparameters(spec.method.params.hyperparameters, len(data))
     kwargs = group_config_kwargs(spec, hp, **ctx.config_kwargs(has_eval=False))
-    quantization = bnb_config(spec, zero_stage=ctx.zero_stage)
-    model, peft_config = model_and_lora(
-        spec,
-        ctx.base_model_dir,
-        tokenizer,
-        init_adapter_dir=ctx.init_adapter_dir,
-        quantization=quantization,
-        distributed=ctx.distributed,
-    )
+    model, peft_config, quantization = ctx.model_and_lora(tokenizer)
     progress = RlProgressCallback(ctx.reporter)
     trainer = trainer_cls(
         model=model,
