@@ -11,6 +11,7 @@ from arq import Worker, cron
 from arq.connections import RedisSettings
 
 from tuneforge_api.services import Services
+from tuneforge_api.store import idempotency
 from tuneforge_scheduler import webhook_delivery
 from tuneforge_scheduler.executors import Executor
 from tuneforge_scheduler.executors.local import LocalExecutor
@@ -48,6 +49,16 @@ async def deliver_webhook(ctx: dict[str, Any], delivery_id: str) -> None:
     await webhook_delivery.deliver(ctx["scheduler"].services, ctx["webhook_http"], delivery_id)
 
 
+async def purge_idempotency_keys(ctx: dict[str, Any]) -> None:
+    """Keys are kept 24 h; without this, an expired key only goes when it is used again."""
+    services = ctx["scheduler"].services
+    async with services.sessions() as session:
+        purged = await idempotency.purge_expired(session)
+        await session.commit()
+    if purged:
+        log.info("purged %d expired idempotency keys", purged)
+
+
 async def dispatch_webhooks(ctx: dict[str, Any]) -> None:
     await webhook_delivery.enqueue_due(ctx["scheduler"].services, ctx["redis"])
 
@@ -72,6 +83,7 @@ def build_worker(settings: SchedulerSettings, scheduler: Scheduler | None = None
         cron_jobs=[
             cron(reconcile, second=set(range(0, 60, every)), run_at_startup=True, timeout=120),
             cron(dispatch_webhooks, second=set(range(0, 60, every)), run_at_startup=True, timeout=60),
+            cron(purge_idempotency_keys, minute=0, second=30, run_at_startup=True, timeout=120),
         ],
         on_startup=on_startup,
         on_shutdown=on_shutdown,

@@ -159,7 +159,7 @@ class Client:
                 return
             after = page.data[-1].id
 
-    # Kept for callers of the first release.
+    # Raw JSON calls, with the same retries, for endpoints the resources do not wrap.
     def get_json(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params={k: v for k, v in params.items() if v is not None}).json()
 

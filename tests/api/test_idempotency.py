@@ -95,3 +95,30 @@ def test_connection_dropped_after_commit_then_retried(api: Harness) -> None:
     finally:
         server.should_exit = True
         thread.join(5)
+
+
+def test_expired_keys_are_purged_by_the_scheduler(api: Harness) -> None:
+    """Keys live 24 h: the scheduler's hourly cron removes older ones, fresh ones stay."""
+    from types import SimpleNamespace
+
+    from sqlalchemy import func, select, update
+
+    from tuneforge_api.db.tables import IdempotencyRow
+    from tuneforge_scheduler.worker import purge_idempotency_keys
+
+    body = {"model": TINY, "training_file": api.upload()["id"]}
+    assert post(api, body, "old").status_code == post(api, body, "fresh").status_code == 200
+    services = api.app.state.services
+
+    async def age_and_purge() -> int:
+        async with services.sessions() as session:
+            await session.execute(
+                update(IdempotencyRow).where(IdempotencyRow.key == "old").values(created_at=0)
+            )
+            await session.commit()
+        await purge_idempotency_keys({"scheduler": SimpleNamespace(services=services)})
+        async with services.sessions() as session:
+            return await session.scalar(select(func.count()).select_from(IdempotencyRow))
+
+    assert api.http.portal.call(age_and_purge) == 1
+    assert post(api, body, "fresh").headers["idempotent-replayed"] == "true"

@@ -3,8 +3,6 @@ package's webhooks.unwrap() accepts."""
 
 from __future__ import annotations
 
-import asyncio
-
 import httpx
 import openai
 import pytest
@@ -172,4 +170,3 @@ def test_delivery_refused_when_the_address_turned_private(api: Harness, webhook_
     deliver_all(api)
     assert webhook_receiver.received == []
     assert deliveries(api, hook["id"])[0]["last_error"].startswith("refused")
-    assert asyncio  # keep the import: deliver_all runs in the app's loop
