@@ -9,7 +9,7 @@ PACKAGES := sdk/pyproject.toml api/pyproject.toml scheduler/pyproject.toml train
 # Compiled DeepSpeed/torch extensions are cached here, once per machine.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench chaos fuzz clean
 
 install: $(STAMP)
 
@@ -24,8 +24,11 @@ $(STAMP): $(PACKAGES) constraints.txt requirements-dev.txt
 demo: install
 	$(PY) examples/demo.py
 
+# Two workers, one test file each at a time: most slow tests wait on a trainer subprocess or a
+# browser, so two overlap well even on two cores. TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -35,8 +38,20 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# The fuzzers of tests/fuzz with a larger budget than CI's (examples per operation / property).
+FUZZ_EXAMPLES ?= 200
+fuzz: install
+	@mkdir -p .cache
+	TUNEFORGE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) TUNEFORGE_FUZZ_REPORT=$(CURDIR)/.cache/fuzz-report.json \
+		$(PY) -m pytest tests/fuzz -p no:cacheprovider -s -q
+
 bench: install
 	$(PY) bench/control_plane.py
+
+# Kill parts of the real service N times (seeded) and print a summary table: make chaos N=200
+N ?= 30
+chaos: install
+	OMP_NUM_THREADS=1 $(PY) bench/chaos.py --runs $(N)
 
 clean:
 	rm -rf $(VENV) .cache .tuneforge-demo

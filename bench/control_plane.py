@@ -59,6 +59,9 @@ def start_api(
         "TUNEFORGE_API_KEY": KEY,
         "TUNEFORGE_REDIS_URL": redis,
         "TUNEFORGE_QUEUE_NAME": f"tf-bench:{uuid.uuid4().hex}",
+        # A load test of one project: its rate limit and job quota would only measure 429s.
+        "TUNEFORGE_RATE_LIMIT_PER_S": "0",
+        "TUNEFORGE_MAX_ACTIVE_JOBS": "0",
     }
     if database_url:
         env["TUNEFORGE_DATABASE_URL"] = database_url

@@ -1,8 +1,9 @@
 """Dataset-validation benchmark (not a test): lines/s on a ~1 GB chat JSONL, side by side with two
 published peer validators, on the same file.
 
-1. Tuneforge's validator, in-process: ``tuneforge_api.validation.validate_jsonl``, the code the
-   API runs on an upload (fast path for plain chat blocks, the rules for everything else).
+1. Tuneforge's validator: ``tuneforge_api.validation.validate_jsonl``, the code the API runs on an
+   upload (fast path for plain chat blocks, on worker processes for a file this size; the rules for
+   everything else), and the same with the fast path kept in one process.
 2. The format checks of the OpenAI cookbook notebook "Data preparation and analysis for chat model
    fine-tuning" (examples/Chat_finetuning_data_prep.ipynb in openai/openai-cookbook), re-implemented
    below as published.
@@ -331,11 +332,28 @@ def run_together(python: str, path: Path) -> dict:
 # -- Tuneforge -----------------------------------------------------------------------------------
 
 
-def run_tuneforge(path: Path):
+def run_tuneforge(path: Path, workers: int | None = None):
+    """As the API calls it (routes/files.py, validation/service.py): a file this size runs the fast
+    path on one worker process per idle CPU (``workers=None``: none on a busy host); ``workers=0``
+    keeps it in this process."""
     from tuneforge_api.validation import Limits, validate_jsonl
 
-    with open(path, "rb") as fh:  # as the API calls it (routes/files.py, validation/service.py)
-        return validate_jsonl(fh, limits=Limits(keep_all_problem_lines=True), size_hint=path.stat().st_size)
+    limits = Limits(keep_all_problem_lines=True, workers=workers)
+    with open(path, "rb") as fh:
+        return validate_jsonl(fh, limits=limits, size_hint=path.stat().st_size)
+
+
+def available_cpus() -> int:
+    from tuneforge_api.validation.parallel import available_cpus
+
+    return available_cpus()
+
+
+def tuneforge_workers() -> int:
+    """What ``workers=None`` picks now (it depends on the load when a validation starts)."""
+    from tuneforge_api.validation.parallel import auto_workers
+
+    return auto_workers()
 
 
 # -- the table -------------------------------------------------------------------------------------
@@ -400,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     rows: list[Row] = []
+    workers = tuneforge_workers()
     seconds, report = best_of(args.repeat, lambda: run_tuneforge(path))
     ours = set(report.problem_lines)
     codes = Counter(p.code for p in report.problems) if report.n_problems <= 100 else report.codes
@@ -407,13 +426,23 @@ def main(argv: list[str] | None = None) -> int:
     wrong = {line for line, code in expected.items() if line not in ours}
     rows.append(
         Row(
-            "Tuneforge",
+            f"Tuneforge (auto: {workers} worker processes at the start)",
             seconds,
             gen.n_lines,
             _fmt(codes),
             f"finds all {len(expected)} planted: "
             + ("yes" if not wrong else f"NO, missed {sorted(wrong)[:5]}"),
         )
+    )
+
+    seconds, single = best_of(args.repeat, lambda: run_tuneforge(path, workers=0))
+    assert single.to_json() == report.to_json(), "the single-process report differs"
+    rows.append(Row("Tuneforge, 1 process", seconds, gen.n_lines, "same report", "same report"))
+    cpus = available_cpus()
+    seconds, pooled = best_of(args.repeat, lambda: run_tuneforge(path, workers=cpus))
+    assert pooled.to_json() == report.to_json(), "the worker-pool report differs"
+    rows.append(
+        Row(f"Tuneforge, {cpus} worker processes", seconds, gen.n_lines, "same report", "same report")
     )
 
     seconds, (counts, flagged) = best_of(args.repeat, lambda: run_cookbook(path))
@@ -432,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         check = superset(ours, {stop} if stop else set(), path)
         rows.append(Row(f"together check_file ({why})", result["_seconds"], covered, found, check))
 
-    peers = [r.rate for r in rows[1:]]
+    peers = [r.rate for r in rows[3:]]
     ratio = rows[0].rate / max(peers) if peers else float("nan")
     head = "| validator | lines/s | seconds | findings | superset of the peer's findings |"
     lines = [head, "|---|---:|---:|---|---|"]

@@ -13,6 +13,7 @@ from tuneforge_api.services import Services
 from tuneforge_api.store import projects
 from tuneforge_api.store.ids import hash_secret
 from tuneforge_api.store.projects import Principal
+from tuneforge_api.ui import session as ui_session
 
 
 async def get_services(request: Request) -> Services:
@@ -47,6 +48,15 @@ def bearer_token(request: Request) -> str:
 
 
 async def get_principal(request: Request, services: ServicesDep) -> Principal:
+    if "authorization" not in request.headers and request.cookies.get(ui_session.COOKIE):
+        # The web console's session cookie stands in for a Bearer key; unsafe methods must carry
+        # its CSRF token (ui/session.py). Labeler keys get the same gate as below.
+        principal = await ui_session.cookie_principal(request, services)
+        if principal.is_labeler and not labeler_allowed(request):
+            raise ApiError(
+                403, "labeler_forbidden", "A labeler key can only rank answers in feedback sessions."
+            )
+        return principal
     token = bearer_token(request)
     digest = hash_secret(token)
     principal = services.auth_cache.get(digest)
@@ -56,10 +66,21 @@ async def get_principal(request: Request, services: ServicesDep) -> Principal:
         if principal is None:
             raise ApiError(401, "invalid_api_key", "The API key is not valid.")
         services.auth_cache.put(digest, principal)
+    if principal.is_labeler and not labeler_allowed(request):
+        raise ApiError(403, "labeler_forbidden", "A labeler key can only rank answers in feedback sessions.")
     return principal
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+# Labeler keys (feedback sessions) are refused everywhere except on the few routes that carry
+# this OpenAPI marker: the default is deny, so a new endpoint never opens to them by accident.
+LABELER_ALLOWED = {"x-labeler-allowed": True}
+
+
+def labeler_allowed(request: Request) -> bool:
+    route = request.scope.get("route")
+    return bool((getattr(route, "openapi_extra", None) or {}).get("x-labeler-allowed"))
 
 
 async def get_admin(principal: PrincipalDep) -> Principal:

@@ -7,7 +7,10 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import iter_route_contexts
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 log = logging.getLogger("tuneforge.api")
 
@@ -16,10 +19,44 @@ _TYPES = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    408: "invalid_request_error",
     409: "conflict_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
+}
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+    type: str
+
+
+class ErrorEnvelope(BaseModel):
+    """Every 4xx and 5xx body, as documented in the OpenAPI spec."""
+
+    error: ErrorDetail
+
+
+# Documented on every operation (create_app passes it to FastAPI): the statuses any route may
+# answer with, so clients and the schema fuzzer (tests/fuzz/) know the envelope is the body.
+ERROR_RESPONSES: dict[int | str, dict] = {
+    status: {"model": ErrorEnvelope, "description": description}
+    for status, description in {
+        400: "Invalid request (bad input, in the error envelope).",
+        401: "Missing or invalid API key.",
+        403: "The key lacks the role (admin) this needs.",
+        404: "No such object in the caller's project.",
+        408: "The request body arrived too slowly.",
+        409: "Conflict with the object's state.",
+        413: "Request body too large.",
+        415: "Unsupported Content-Encoding of the request body.",
+        422: "Idempotency-Key reused with another body.",
+        429: "Rate limit or project quota exceeded; see Retry-After.",
+    }.items()
 }
 
 
@@ -66,6 +103,15 @@ def _validation_param(exc: RequestValidationError) -> tuple[str, str]:
     return (param or ""), (f"{param}: {msg}" if param else msg)
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method some route accepts on this path, for a 405's ``Allow`` (RFC 9110)."""
+    methods: set[str] = set()
+    for ctx in iter_route_contexts(request.app.routes):
+        if ctx.methods and ctx.matches(request.scope)[0] != Match.NONE:
+            methods |= set(ctx.methods)
+    return ", ".join(sorted(methods))
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -83,9 +129,14 @@ def install_handlers(app: FastAPI) -> None:
         return JSONResponse(envelope(400, "invalid_request", message, param or None), 400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse(envelope(exc.status_code, code, str(exc.detail)), exc.status_code)
+        headers = exc.headers
+        if exc.status_code == 405:  # Starlette names the first matching route's methods only
+            headers = {**(headers or {}), "Allow": _allowed_methods(request)}
+        return JSONResponse(
+            envelope(exc.status_code, code, str(exc.detail)), exc.status_code, headers=headers
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -4,13 +4,14 @@ before any row is written or any GPU is asked for."""
 from __future__ import annotations
 
 import secrets
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.concurrency import run_in_threadpool
 
 from tuneforge.storage import MANIFEST, adapter_prefix, checkpoint_prefix
-from tuneforge.types import Job, JobCreate, JobStatus, MethodType
-from tuneforge_api import hyperparams
+from tuneforge.types import Job, JobCreate, JobStatus, LoraConfigSpec, Method, MethodType, Resources
+from tuneforge_api import hyperparams, quotas
 from tuneforge_api.checkpoints import parse_checkpoint_id
 from tuneforge_api.errors import ApiError
 from tuneforge_api.models_registry import base_of, ft_job_id
@@ -28,13 +29,15 @@ FORMATS_BY_METHOD = {
     MethodType.reward_model: {"preference", "rankings"},
     MethodType.dpo: {"preference"},
     MethodType.rlhf: {"prompts"},
+    MethodType.sample: {"prompts"},  # feedback sessions only (create_sample_job)
 }
 
 
 async def _usable_file(
     session: AsyncSession, principal: Principal, file_id: str, param: str, method: MethodType
 ) -> FileFacts:
-    row = await files.facts(session, principal.project_id, file_id)
+    # hold: a share lock on the file until the job commits, so a concurrent delete waits and sees it.
+    row = await files.facts(session, principal.project_id, file_id, hold=True)
     if row is None:
         raise ApiError(400, "file_not_found", f"No file found with id {file_id!r}.", param=param)
     # A file still "uploaded" is being validated in the background: the job waits in
@@ -72,6 +75,13 @@ async def _init_adapter_key(
         raise ApiError(
             400, "checkpoint_job_running", f"Job {source.id} has not finished yet.", param="from_checkpoint"
         )
+    if _is_full(source):
+        raise ApiError(
+            400,
+            "invalid_checkpoint",
+            f"Job {source.id} fine-tuned every weight: its checkpoints hold no adapter to start from.",
+            param="from_checkpoint",
+        )
     if base_of(source.model) != base_of(body.model):
         raise ApiError(
             400,
@@ -87,6 +97,13 @@ async def _ft_model_adapter(session: AsyncSession, principal: Principal, model: 
     source = await jobs.get_row(session, principal.project_id, ft_job_id(model) or "")
     if source is None or source.status != JobStatus.succeeded.value or source.fine_tuned_model != model:
         raise ApiError(400, "model_not_found", f"No succeeded fine-tuned model {model!r}.", param="model")
+    if _is_full(source):
+        raise ApiError(
+            400,
+            "invalid_model",
+            f"{model!r} is fully fine-tuned: a job can start only from a LoRA one.",
+            param="model",
+        )
     return adapter_prefix(principal.project_id, source.id)
 
 
@@ -101,6 +118,13 @@ async def _check_reward_model(session: AsyncSession, principal: Principal, job_i
         raise ApiError(
             400, "invalid_reward_model", f"{job_id!r} is not a succeeded reward_model job.", param=param
         )
+    if _is_full(rm):
+        raise ApiError(
+            400,
+            "invalid_reward_model",
+            f"{job_id!r} fine-tuned every weight; PPO shares one base and needs a LoRA reward model.",
+            param=param,
+        )
     if base_of(rm.model) != base:
         raise ApiError(
             400,
@@ -108,6 +132,54 @@ async def _check_reward_model(session: AsyncSession, principal: Principal, job_i
             f"The reward model was trained on {base_of(rm.model)}, the policy is on {base}.",
             param=param,
         )
+
+
+SFT_ONLY_HYPERPARAMETERS = ("train_on_inputs", "packing", "max_seq_length")
+
+
+def _check_trainer_options(method: Method, body: JobCreate) -> None:
+    """Combinations the trainer cannot run fail here, not in the pod."""
+    hp = method.params.hyperparameters
+    if method.type != MethodType.supervised:
+        for name in SFT_ONLY_HYPERPARAMETERS:
+            if getattr(hp, name) is not None:
+                raise ApiError(
+                    400,
+                    "invalid_hyperparameters",
+                    f"{name} applies to supervised jobs only.",
+                    param=f"method.{method.type.value}.hyperparameters.{name}",
+                )
+    if getattr(method.params, "adapter", None) == "full":
+        param = f"method.{method.type.value}.adapter"
+        if body.quantization is not None:
+            raise ApiError(
+                400,
+                "invalid_adapter",
+                f"Full fine-tuning trains every weight, so the base cannot be quantized "
+                f"({body.quantization}); use adapter 'lora' for QLoRA, or no quantization.",
+                param=param,
+            )
+        if body.from_checkpoint is not None or ft_job_id(body.model):
+            raise ApiError(
+                400,
+                "invalid_adapter",
+                "Full fine-tuning starts from a base model, not from a fine-tuned model or a checkpoint.",
+                param=param,
+            )
+    stage = body.resources.zero_stage
+    if stage is not None and body.resources.gpus * body.resources.nodes < 2:
+        raise ApiError(
+            400,
+            "invalid_resources",
+            f"ZeRO stage {stage} shards across GPUs: it needs resources.gpus (x nodes) of at least 2.",
+            param="resources.zero_stage",
+        )
+
+
+def _is_full(row: Any) -> bool:
+    """A job that fine-tuned every weight publishes a model folder, not an adapter."""
+    method = row.method or {}
+    return ((method.get(method.get("type", "")) or {}).get("adapter")) == "full"
 
 
 async def create_job(session: AsyncSession, services: Services, principal: Principal, body: JobCreate) -> Job:
@@ -138,6 +210,7 @@ async def create_job(session: AsyncSession, services: Services, principal: Princ
         raise ApiError(
             400, "invalid_resources", "Several nodes need the kubernetes executor.", param="resources.nodes"
         )
+    _check_trainer_options(method, body)
     if method.type == MethodType.rlhf and method.rlhf and method.rlhf.reward_model:
         await _check_reward_model(session, principal, method.rlhf.reward_model, base_of(body.model))
     training = await _usable_file(session, principal, body.training_file, "training_file", method.type)
@@ -154,6 +227,7 @@ async def create_job(session: AsyncSession, services: Services, principal: Princ
                 param="from_checkpoint",
             )
         init_adapter_key = await _ft_model_adapter(session, principal, body.model)
+    await quotas.check_active_jobs(session, services.settings, principal.project_id)
     hp = method.params.hyperparameters
     # Before validation there is no size yet: "auto" stays, and the scheduler resolves it.
     resolved = (
@@ -183,4 +257,60 @@ async def create_job(session: AsyncSession, services: Services, principal: Princ
     )
     job = await jobs.insert(session, values)
     await jobs.add_event(session, job.id, f"Created fine-tuning job {job.id}")
+    return job
+
+
+async def create_sample_job(
+    session: AsyncSession,
+    services: Services,
+    principal: Principal,
+    *,
+    model: str,
+    prompts_file: str,
+    method: Method,
+    seed: int,
+    resources: Resources,
+) -> Job:
+    """A feedback session's generation job: K answers per prompt, run by the executor like
+    training (retries, cancel, reconcile and events come with the job lifecycle)."""
+    if base_of(model) not in services.base_models():
+        raise ApiError(400, "model_not_found", f"Unknown model {model!r}; see GET /v1/models.", param="model")
+    if resources.nodes > 1 or resources.gpus > 1:
+        raise ApiError(
+            400, "invalid_resources", "Generation runs on one node with at most one GPU.", param="resources"
+        )
+    await _usable_file(session, principal, prompts_file, "prompts_file", MethodType.sample)
+    init_adapter_key = None
+    if ft_job_id(model):
+        init_adapter_key = await _ft_model_adapter(session, principal, model)
+        source = await jobs.get_row(session, principal.project_id, ft_job_id(model) or "")
+        if source is not None and (source.method or {}).get("type") == MethodType.reward_model.value:
+            raise ApiError(
+                400, "invalid_model", "A reward model scores answers; it cannot write them.", param="model"
+            )
+    await quotas.check_active_jobs(session, services.settings, principal.project_id)
+    ts = now()
+    values = dict(
+        id=new_id("ftjob"),
+        project_id=principal.project_id,
+        created_at=ts,
+        updated_at=ts,
+        model=model,
+        status=JobStatus.validating_files.value,
+        training_file=prompts_file,
+        validation_file=None,
+        method=method.model_dump(mode="json", exclude_none=True),
+        lora=LoraConfigSpec().model_dump(mode="json"),
+        quantization=None,
+        resources=resources.model_dump(mode="json"),
+        seed=seed,
+        suffix=None,
+        metadata_=None,
+        attempt=0,
+        max_attempts=services.settings.max_attempts,
+        cancel_requested=False,
+        init_adapter_key=init_adapter_key,
+    )
+    job = await jobs.insert(session, values)
+    await jobs.add_event(session, job.id, f"Created sample job {job.id} for a feedback session")
     return job

@@ -48,8 +48,31 @@ class Settings(BaseSettings):
     executor: Literal["local", "kubernetes"] = Field(
         "local", description="Where trainers run; the API needs it to accept multi-node jobs."
     )
+    presign: bool = Field(
+        False,
+        description="On s3:// storage, let clients download adapters by short-lived presigned URLs "
+        "(GET .../adapter/urls); off: adapters stream through the API.",
+    )
+    presign_ttl_s: int = Field(300, description="Lifetime of a presigned URL, in seconds.", ge=1, le=3600)
     webhooks_allow_private: bool = Field(
         False, description="Let webhooks call loopback and private addresses (off: SSRF protection)."
+    )
+    # Resource limits (docs/security.md). 0 turns a limit off.
+    rate_limit_per_s: float = Field(
+        100.0, description="Sustained requests per second per project (token bucket); 0: off.", ge=0
+    )
+    rate_limit_burst: int = Field(1000, description="Requests a project may send at once.", ge=1)
+    max_active_jobs: int = Field(
+        100, description="Jobs per project not yet finished (validating, queued, running); 0: off.", ge=0
+    )
+    max_storage_bytes: int = Field(
+        100 * 1024**3, description="Bytes of uploaded files a project may hold; 0: off.", ge=0
+    )
+    body_idle_timeout_s: float = Field(
+        30.0, description="Longest wait for the next chunk of a request body.", gt=0
+    )
+    body_min_bytes_per_s: int = Field(
+        1024, description="Slowest average body rate accepted once the idle timeout has passed.", ge=1
     )
 
     @model_validator(mode="after")

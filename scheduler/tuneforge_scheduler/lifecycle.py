@@ -28,6 +28,7 @@ from tuneforge.storage import (
 )
 from tuneforge.types import JobSpec, JobStatus, LoraConfigSpec, Method, Resources
 from tuneforge_api.db.tables import JobRow
+from tuneforge_api.feedback.ingest import samples_prefix, settle_for_job
 from tuneforge_api.models_registry import base_of
 from tuneforge_api.services import Services
 from tuneforge_api.store import jobs
@@ -48,6 +49,9 @@ class Scheduler:
     _capacity_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Why each running job is not progressing, as last reported (quota, scheduling, image pull).
     _last_detail: dict[str, str] = field(default_factory=dict)
+    # Jobs whose attempt this process is starting: until the run is recorded, reconcile must
+    # not take it for a lost one (a relaunch would replace the token the trainer was given).
+    _launching: set[str] = field(default_factory=set)
 
     async def submit(self, job_id: str) -> None:
         async with self.services.sessions() as session:
@@ -62,7 +66,11 @@ class Scheduler:
                 await session.commit()
                 await session.refresh(row)
             if row.status == JobStatus.queued.value:
-                await self._start_attempt(session, row)
+                self._launching.add(row.id)
+                try:
+                    await self._start_attempt(session, row)
+                finally:
+                    self._launching.discard(row.id)
 
     async def _validate_files(self, session, row: JobRow) -> None:
         """Queue the job once its files are validated; fail it on a bad or missing file. While a
@@ -142,6 +150,7 @@ class Scheduler:
             resume_from_key=resume_from_key,
             init_adapter_key=row.init_adapter_key,
             reward_model_key=adapter_prefix(row.project_id, reward_job) if reward_job else None,
+            samples_prefix=_output_prefix(row) if _is_sample(row) else None,
         )
 
     async def cancel(self, job_id: str) -> None:
@@ -166,9 +175,8 @@ class Scheduler:
                 await jobs.add_event(session, row.id, "Job cancelled")
                 await session.commit()
                 # Nothing of a cancelled job is published, even a finished upload.
-                await run_in_threadpool(
-                    self.services.storage.delete_prefix, adapter_prefix(row.project_id, row.id)
-                )
+                await run_in_threadpool(self.services.storage.delete_prefix, _output_prefix(row))
+        await self._settle_feedback(row)
 
     async def finalize(self, row: JobRow, status: RunStatus) -> None:
         """Record how an attempt ended: success, a clear failure, or a retry."""
@@ -181,14 +189,13 @@ class Scheduler:
         storage = self.services.storage
         prefix = job_prefix(row.project_id, row.id)
         if status.exit_code == EXIT_OK:
-            manifest = await run_in_threadpool(
-                _read_json, storage, adapter_prefix(row.project_id, row.id) + MANIFEST
-            )
+            manifest = await run_in_threadpool(_read_json, storage, _output_prefix(row) + MANIFEST)
             if manifest is not None:
                 await self._succeed(row, manifest)
                 await self._release(row)
                 return
-            status = RunStatus(RunState.exited, -1, "the trainer exited 0 without publishing an adapter")
+            published = "samples" if _is_sample(row) else "an adapter"
+            status = RunStatus(RunState.exited, -1, f"the trainer exited 0 without publishing {published}")
         if status.exit_code == EXIT_NON_RETRIABLE:
             error = await run_in_threadpool(_read_json, storage, prefix + "error.json") or {}
             await self._fail(
@@ -213,18 +220,21 @@ class Scheduler:
     async def _succeed(self, row: JobRow, manifest: dict) -> None:
         metrics = manifest.get("metrics") or {}
         suffix = row.suffix or ""
+        # A sample job (feedback session) publishes answers, not a model.
+        fine_tuned = None if _is_sample(row) else f"ft:{row.model}:{row.project_id}:{suffix}:{row.id}"
         async with self.services.sessions() as session:
             if await jobs.transition(
                 session,
                 row.id,
                 (JobStatus.running,),
                 JobStatus.succeeded,
-                fine_tuned_model=f"ft:{row.model}:{row.project_id}:{suffix}:{row.id}",
+                fine_tuned_model=fine_tuned,
                 trained_tokens=metrics.get("trained_tokens"),
                 estimated_finish=None,
             ):
                 await jobs.add_event(session, row.id, "The job has successfully completed", data=metrics)
                 await session.commit()
+        await self._settle_feedback(row)
 
     async def _fail(self, row: JobRow, error: dict) -> None:
         async with self.services.sessions() as session:
@@ -239,6 +249,17 @@ class Scheduler:
                     data={"code": error["code"]},
                 )
                 await session.commit()
+        await self._settle_feedback(row)
+
+    async def _settle_feedback(self, row: JobRow) -> None:
+        """A feedback session's sample job ended: ingest its samples, or pass on its outcome.
+        Best effort: reading the session settles it too."""
+        if not _is_sample(row):
+            return
+        try:
+            await settle_for_job(self.services, row.id)
+        except Exception:
+            log.exception("settling the feedback session of %s failed", row.id)
 
     async def _retry_or_fail(self, row: JobRow, status: RunStatus) -> None:
         if status.interrupted:
@@ -327,13 +348,44 @@ class Scheduler:
                 status = await run_in_threadpool(self.executor.status, run_name(row.id, row.attempt))
                 if row.cancel_requested:
                     await self.cancel(row.id)
-                elif status.state != RunState.running:
+                elif status.state != RunState.running and row.id not in self._launching:
                     self._last_detail.pop(row.id, None)
                     await self.finalize(row, status)
                 elif status.detail != self._last_detail.get(row.id, ""):
                     await self._report_detail(row, status.detail)
             except Exception:  # one bad job must not stop the pass for the others
                 log.exception("reconcile failed for %s", row.id)
+        try:
+            await self._reap_orphans(active)
+        except Exception:
+            log.exception("orphan sweep failed")
+
+    async def _reap_orphans(self, active: list[JobRow]) -> None:
+        """Runs the executor still has that no running attempt owns (their job is gone, finished or
+        on another attempt): checked against the DB, deleted by the executor after a grace period."""
+        candidates = getattr(self.executor, "orphan_candidates", None)
+        if candidates is None:
+            return
+        from tuneforge_scheduler.k8s.orphans import orphan_reasons
+
+        expected = {run_name(r.id, r.attempt) for r in active if r.status == JobStatus.running.value}
+        found = await run_in_threadpool(candidates, expected)
+        reasons: dict[str, str] = {}
+        if found:
+            async with self.services.sessions() as session:  # fresh rows: this pass may have moved them
+                reasons = await orphan_reasons(session, found)
+        await run_in_threadpool(self.executor.reap_orphans, reasons)  # type: ignore[attr-defined]
+
+
+def _is_sample(row: JobRow) -> bool:
+    return (row.method or {}).get("type") == "sample"
+
+
+def _output_prefix(row: JobRow) -> str:
+    """Where the trainer publishes: a sample job's samples, else the adapter; manifest last."""
+    if _is_sample(row):
+        return samples_prefix(row.project_id, row.id)
+    return adapter_prefix(row.project_id, row.id)
 
 
 def _read_json(storage, key: str) -> dict | None:

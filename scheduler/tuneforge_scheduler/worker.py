@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
+import signal
 from typing import Any
 
 import httpx
 from arq import Worker, cron
 from arq.connections import RedisSettings
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tuneforge_api.services import Services
 from tuneforge_api.store import idempotency
@@ -63,6 +70,36 @@ async def dispatch_webhooks(ctx: dict[str, Any]) -> None:
     await webhook_delivery.enqueue_due(ctx["scheduler"].services, ctx["redis"])
 
 
+class _Worker(Worker):
+    """arq's worker, whose ``close`` still stops the trainers when Redis is the part that is down
+    (arq's own would raise on deleting its health-check key and skip ``on_shutdown``)."""
+
+    async def close(self) -> None:
+        if not self._handle_signals:
+            self.handle_sig(signal.SIGUSR1)
+        if not self._pool:
+            return
+        if self.tasks:  # bounded: a task stopped while Redis is down retries its bookkeeping
+            await asyncio.wait(list(self.tasks.values()), timeout=5)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.pool.delete(self.health_check_key), 2)
+        if self.on_shutdown:
+            await self.on_shutdown(self.ctx)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.pool.close(close_connection_pool=True), 2)
+        self._pool = None
+
+
+def redis_settings(url: str) -> RedisSettings:
+    """Every Redis command waits out an outage (capped backoff, no limit) instead of raising:
+    Redis only delivers work, and a worker that died with it would leave reconcile undone."""
+    redis = RedisSettings.from_dsn(url)
+    redis.retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), -1)
+    # redis-py only retries the errors listed here; OSError is a refused connection while it restarts.
+    redis.retry_on_error = [RedisConnectionError, RedisTimeoutError, OSError]
+    return redis
+
+
 def build_worker(settings: SchedulerSettings, scheduler: Scheduler | None = None, **overrides: Any) -> Worker:
     """A worker bound to one scheduler; ``overrides`` go to ``arq.Worker`` (tests use burst=True)."""
     scheduler = scheduler or build_scheduler(settings)
@@ -77,7 +114,7 @@ def build_worker(settings: SchedulerSettings, scheduler: Scheduler | None = None
         await scheduler.services.close()
 
     every = settings.reconcile_every_s
-    redis = RedisSettings.from_dsn(settings.redis_url)
+    redis = redis_settings(settings.redis_url)
     options: dict[str, Any] = dict(
         functions=[submit_job, cancel_job, deliver_webhook],
         cron_jobs=[
@@ -97,4 +134,4 @@ def build_worker(settings: SchedulerSettings, scheduler: Scheduler | None = None
         job_deserializer=json.loads,
     )
     options.update(overrides)
-    return Worker(**options)
+    return _Worker(**options)

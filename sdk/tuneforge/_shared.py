@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from pydantic import BaseModel
 
 from tuneforge import errors
 from tuneforge.types import (
@@ -202,31 +203,81 @@ class SseParser:
         return None
 
 
+def staging_dir(dest: Path) -> Path:
+    """A fresh folder next to ``dest`` where a download lands before it is verified."""
+    staging = dest.parent / f".{dest.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    return staging
+
+
 def unpack_verified(archive_path: Path, dest: Path) -> Path:
     """Unpack an adapter archive into ``dest`` only if every file matches the sha256 in its
     manifest; ``dest`` never holds an unverified file."""
-    staging = dest.parent / f".{dest.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
+    staging = staging_dir(dest)
     try:
         with tarfile.open(archive_path, mode="r:*") as tar:
             tar.extractall(staging, filter="data")
-        manifest_path = staging / "manifest.json"
-        if not manifest_path.is_file():
-            raise errors.AdapterIntegrityError("the adapter archive has no manifest.json")
-        manifest = json.loads(manifest_path.read_text())
-        for name, digest in (manifest.get("files") or {}).items():
-            path = staging / name
-            if not path.is_file() or _sha256(path) != digest:
-                raise errors.AdapterIntegrityError(f"{name} does not match its sha256 in manifest.json")
-        dest.mkdir(parents=True, exist_ok=True)
-        for item in staging.iterdir():
-            target = dest / item.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            item.replace(target)
-        return dest
+        return place_verified(staging, dest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def place_verified(staging: Path, dest: Path) -> Path:
+    """Move a downloaded bundle from ``staging`` into ``dest`` once every file in its manifest
+    matches its sha256 (AdapterIntegrityError otherwise)."""
+    manifest_path = staging / "manifest.json"
+    if not manifest_path.is_file():
+        raise errors.AdapterIntegrityError("the adapter bundle has no manifest.json")
+    manifest = json.loads(manifest_path.read_text())
+    for name, digest in (manifest.get("files") or {}).items():
+        path = staging / name
+        if not path.is_file() or _sha256(path) != digest:
+            raise errors.AdapterIntegrityError(f"{name} does not match its sha256 in manifest.json")
+    dest.mkdir(parents=True, exist_ok=True)
+    for item in staging.iterdir():
+        target = dest / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        item.replace(target)
+    return dest
+
+
+PRESIGN_UNAVAILABLE = {"presigned_download_unavailable", "not_found"}  # not_found: an older server
+
+
+class AdapterFileUrl(BaseModel):
+    name: str
+    url: str
+    bytes: int
+    sha256: str
+
+
+class AdapterUrls(BaseModel):
+    """``GET .../adapter/urls``: short-lived URLs of the bundle's files in the object store."""
+
+    job_id: str
+    expires_at: int
+    files: list[AdapterFileUrl]
+
+
+def adapter_urls_call(job_id: str) -> Call:
+    return Call("GET", f"/v1/fine_tuning/jobs/{job_id}/adapter/urls", AdapterUrls.model_validate)
+
+
+def bundle_path(staging: Path, name: str) -> Path:
+    """Where a bundle file lands; a name that could leave the folder is refused."""
+    parts = name.split("/")
+    if not name or name.startswith("/") or "\\" in name or any(p in ("", ".", "..") for p in parts):
+        raise errors.AdapterIntegrityError(f"unsafe file name {name!r} in the adapter bundle")
+    path = staging.joinpath(*parts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def check_digest(file: AdapterFileUrl, digest: Any) -> None:
+    """A file fetched by presigned URL must hash to what the server announced (from the manifest)."""
+    if digest.hexdigest() != file.sha256:
+        raise errors.AdapterIntegrityError(f"{file.name} does not match its sha256 in manifest.json")
 
 
 def _sha256(path: Path) -> str:

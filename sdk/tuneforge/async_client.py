@@ -4,7 +4,9 @@ descriptions and retry policy (``_shared``)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -16,26 +18,38 @@ import httpx
 
 from tuneforge import errors
 from tuneforge._shared import (
+    PRESIGN_UNAVAILABLE,
+    AdapterUrls,
     Call,
     Calls,
     SseParser,
+    adapter_urls_call,
+    bundle_path,
+    check_digest,
     headers,
     is_retriable,
     job_body,
+    place_verified,
     retry_delay,
+    staging_dir,
     unpack_verified,
 )
-from tuneforge.client import Progress, _config, _ProgressReader
+from tuneforge.client import FeedbackCalls, Progress, _config, _ProgressReader, session_body
 from tuneforge.types import (
     ApiKey,
     Checkpoint,
     Event,
+    FeedbackLabel,
+    FeedbackSession,
     FileObject,
     Job,
     JobCreate,
     JobValidation,
+    LabelCreate,
+    LabelerKey,
     Method,
     Model,
+    NextItem,
     Page,
     Project,
 )
@@ -61,6 +75,7 @@ class AsyncClient:
         self.adapters = AsyncAdapters(self)
         self.models = AsyncModels(self)
         self.admin = AsyncAdmin(self)
+        self.feedback = AsyncFeedback(self)
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -286,6 +301,12 @@ class AsyncAdapters:
     async def download(
         self, job_id: str, dest: str | os.PathLike[str], *, on_progress: Progress | None = None
     ) -> Path:
+        urls = await self._presigned(job_id)
+        if urls is not None:
+            try:
+                return await self._download_presigned(urls, Path(dest), on_progress)
+            except httpx.TransportError:
+                pass  # the object store is not reachable from this network: go through the API
         url = f"{self._c.base_url}/v1/fine_tuning/jobs/{job_id}/adapter"
         with tempfile.TemporaryDirectory() as tmp:
             archive = Path(tmp) / f"{uuid.uuid4().hex}.tar"
@@ -305,6 +326,37 @@ class AsyncAdapters:
             except httpx.TransportError as exc:
                 raise errors.APIConnectionError(f"download of {job_id} failed: {exc}") from exc
             return await asyncio.to_thread(unpack_verified, archive, Path(dest))
+
+    async def _presigned(self, job_id: str) -> AdapterUrls | None:
+        try:
+            return await self._c.call(adapter_urls_call(job_id))
+        except errors.NotFoundError as exc:
+            if exc.code in PRESIGN_UNAVAILABLE:
+                return None
+            raise
+
+    async def _download_presigned(self, urls: AdapterUrls, dest: Path, on_progress: Progress | None) -> Path:
+        staging = staging_dir(dest)
+        try:
+            total, done = sum(f.bytes for f in urls.files), 0
+            for file in urls.files:
+                digest = hashlib.sha256()
+                # No API key here: the URL carries its own short-lived signature.
+                async with self._c._http.stream("GET", file.url) as response:
+                    if response.status_code >= 400:
+                        await response.aread()
+                        raise errors.error_from_response(response)
+                    with open(bundle_path(staging, file.name), "wb") as out:
+                        async for chunk in response.aiter_bytes():
+                            out.write(chunk)
+                            digest.update(chunk)
+                            done += len(chunk)
+                            if on_progress:
+                                on_progress(done, total)
+                check_digest(file, digest)
+            return await asyncio.to_thread(place_verified, staging, dest)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 class AsyncModels:
@@ -327,3 +379,57 @@ class AsyncAdmin:
 
     async def create_key(self, project_id: str, *, name: str = "default", role: str = "member") -> ApiKey:
         return await self._c.call(Calls.create_key(project_id, name=name, role=role))
+
+
+class AsyncFeedback:
+    """Human-feedback sessions: sample K answers per prompt, rank them, export the rankings."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._c = client
+
+    async def create_session(
+        self, *, model: str, prompts_file: str, k: int, labels_per_item: int = 1, **extra: Any
+    ) -> FeedbackSession:
+        body = session_body(model, prompts_file, k, labels_per_item, extra)
+        return await self._c.call(FeedbackCalls.create_session(body))
+
+    async def get_session(self, session_id: str) -> FeedbackSession:
+        return await self._c.call(FeedbackCalls.get_session(session_id))
+
+    async def list_sessions(self, *, limit: int = 20, after: str | None = None) -> Page[FeedbackSession]:
+        return await self._c.call(FeedbackCalls.list_sessions(limit=limit, after=after))
+
+    async def cancel_session(self, session_id: str) -> FeedbackSession:
+        return await self._c.call(FeedbackCalls.cancel_session(session_id))
+
+    async def wait_until_ready(
+        self, session_id: str, *, timeout: float = 600, poll_interval: float = 1.0
+    ) -> FeedbackSession:
+        deadline = time.monotonic() + timeout
+        while (session := await self.get_session(session_id)).status == "generating":
+            if time.monotonic() >= deadline:
+                raise errors.JobTimeoutError(f"session {session_id} still generating after {timeout}s")
+            await asyncio.sleep(poll_interval)
+        return session
+
+    async def create_labeler_key(self, name: str) -> LabelerKey:
+        return await self._c.call(FeedbackCalls.create_labeler_key(name))
+
+    async def next_item(self, session_id: str) -> NextItem:
+        return await self._c.call(FeedbackCalls.next_item(session_id))
+
+    async def label(
+        self,
+        session_id: str,
+        item_id: str,
+        *,
+        ranking: list[list[str]] | None = None,
+        skipped: bool = False,
+        unsafe: list[str] | None = None,
+        note: str = "",
+    ) -> FeedbackLabel:
+        body = LabelCreate(ranking=ranking or [], skipped=skipped, unsafe=unsafe or [], note=note)
+        return await self._c.call(FeedbackCalls.label(session_id, item_id, body))
+
+    async def export(self, session_id: str, *, min_labels: int = 1) -> FileObject:
+        return await self._c.call(FeedbackCalls.export(session_id, min_labels))

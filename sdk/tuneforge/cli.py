@@ -231,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--model", required=True)
     j.add_argument("--training-file", required=True)
     j.add_argument("--validation-file")
-    j.add_argument("--method", default="supervised", choices=[m.value for m in MethodType])
+    # Sample jobs belong to feedback sessions; they are not created by hand.
+    trainable = [m.value for m in MethodType if m is not MethodType.sample]
+    j.add_argument("--method", default="supervised", choices=trainable)
     j.add_argument("--hyperparameters", help="JSON, e.g. '{\"n_epochs\": 2}'")
     j.add_argument("--suffix")
     j.add_argument("--seed", type=int)

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -16,25 +18,39 @@ import httpx
 
 from tuneforge import errors
 from tuneforge._shared import (
+    PRESIGN_UNAVAILABLE,
+    AdapterUrls,
     Call,
     Calls,
     SseParser,
+    adapter_urls_call,
+    bundle_path,
+    check_digest,
     headers,
     is_retriable,
     job_body,
+    page_of,
+    place_verified,
     retry_delay,
+    staging_dir,
     unpack_verified,
 )
 from tuneforge.types import (
     ApiKey,
     Checkpoint,
     Event,
+    FeedbackLabel,
+    FeedbackSession,
+    FeedbackSessionCreate,
     FileObject,
     Job,
     JobCreate,
     JobValidation,
+    LabelCreate,
+    LabelerKey,
     Method,
     Model,
+    NextItem,
     Page,
     Project,
 )
@@ -74,6 +90,7 @@ class Client:
         self.adapters = Adapters(self)
         self.models = Models(self)
         self.admin = Admin(self)
+        self.feedback = Feedback(self)
 
     def close(self) -> None:
         self._http.close()
@@ -337,7 +354,17 @@ class Adapters:
         self, job_id: str, dest: str | os.PathLike[str], *, on_progress: Progress | None = None
     ) -> Path:
         """Download a succeeded job's adapter bundle into ``dest``, after checking every file
-        against the sha256 in its manifest (AdapterIntegrityError otherwise)."""
+        against the sha256 in its manifest (AdapterIntegrityError otherwise).
+
+        When the server offers presigned URLs (s3:// storage), the files come straight from the
+        object store; if that store cannot be reached from here, the bundle streams through the API.
+        """
+        urls = self._presigned(job_id)
+        if urls is not None:
+            try:
+                return self._download_presigned(urls, Path(dest), on_progress)
+            except httpx.TransportError:
+                pass  # the object store is not reachable from this network: go through the API
         url = f"{self._c.base_url}/v1/fine_tuning/jobs/{job_id}/adapter"
         with tempfile.TemporaryDirectory() as tmp:
             archive = Path(tmp) / f"{uuid.uuid4().hex}.tar"
@@ -357,6 +384,39 @@ class Adapters:
             except httpx.TransportError as exc:
                 raise errors.APIConnectionError(f"download of {job_id} failed: {exc}") from exc
             return unpack_verified(archive, Path(dest))
+
+    def _presigned(self, job_id: str) -> AdapterUrls | None:
+        try:
+            return self._c.call(adapter_urls_call(job_id))
+        except errors.NotFoundError as exc:
+            if exc.code in PRESIGN_UNAVAILABLE:
+                return None
+            raise
+
+    def _download_presigned(self, urls: AdapterUrls, dest: Path, on_progress: Progress | None) -> Path:
+        staging = staging_dir(dest)
+        try:
+            total, done = sum(f.bytes for f in urls.files), 0
+            for file in urls.files:
+                digest = hashlib.sha256()
+                # No API key here: the URL carries its own short-lived signature.
+                with (
+                    self._c._http.stream("GET", file.url) as response,
+                    open(bundle_path(staging, file.name), "wb") as out,
+                ):
+                    if response.status_code >= 400:
+                        response.read()
+                        raise errors.error_from_response(response)
+                    for chunk in response.iter_bytes():
+                        out.write(chunk)
+                        digest.update(chunk)
+                        done += len(chunk)
+                        if on_progress:
+                            on_progress(done, total)
+                check_digest(file, digest)
+            return place_verified(staging, dest)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 class Models:
@@ -381,3 +441,107 @@ class Admin:
 
     def create_key(self, project_id: str, *, name: str = "default", role: str = "member") -> ApiKey:
         return self._c.call(Calls.create_key(project_id, name=name, role=role))
+
+
+class FeedbackCalls:
+    """The /v1/feedback endpoints, as ``Call``s (shared with the async client)."""
+
+    @staticmethod
+    def create_session(body: FeedbackSessionCreate) -> Call:
+        json = body.model_dump(mode="json", exclude_unset=True)
+        return Call("POST", "/v1/feedback/sessions", FeedbackSession.model_validate, json=json)
+
+    @staticmethod
+    def get_session(session_id: str) -> Call:
+        return Call("GET", f"/v1/feedback/sessions/{session_id}", FeedbackSession.model_validate)
+
+    @staticmethod
+    def list_sessions(*, limit: int, after: str | None) -> Call:
+        params = {"limit": limit, "after": after}
+        return Call("GET", "/v1/feedback/sessions", page_of(FeedbackSession), params)
+
+    @staticmethod
+    def cancel_session(session_id: str) -> Call:
+        return Call("POST", f"/v1/feedback/sessions/{session_id}/cancel", FeedbackSession.model_validate)
+
+    @staticmethod
+    def create_labeler_key(name: str) -> Call:
+        return Call("POST", "/v1/feedback/labeler_keys", LabelerKey.model_validate, json={"name": name})
+
+    @staticmethod
+    def next_item(session_id: str) -> Call:
+        return Call("GET", f"/v1/feedback/sessions/{session_id}/next_item", NextItem.model_validate)
+
+    @staticmethod
+    def label(session_id: str, item_id: str, body: LabelCreate) -> Call:
+        path = f"/v1/feedback/sessions/{session_id}/items/{item_id}/labels"
+        return Call("POST", path, FeedbackLabel.model_validate, json=body.model_dump(mode="json"))
+
+    @staticmethod
+    def export(session_id: str, min_labels: int) -> Call:
+        path = f"/v1/feedback/sessions/{session_id}/export"
+        return Call("POST", path, FileObject.model_validate, json={"min_labels": min_labels})
+
+
+def session_body(
+    model: str, prompts_file: str, k: int, labels_per_item: int, extra: dict[str, Any]
+) -> FeedbackSessionCreate:
+    fields = {"model": model, "prompts_file": prompts_file, "k": k, "labels_per_item": labels_per_item}
+    return FeedbackSessionCreate.model_validate({**fields, **extra})
+
+
+class Feedback:
+    """Human-feedback sessions: sample K answers per prompt, rank them, export the rankings."""
+
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def create_session(
+        self, *, model: str, prompts_file: str, k: int, labels_per_item: int = 1, **extra: Any
+    ) -> FeedbackSession:
+        """``extra``: ``sampling`` ({temperature, top_p, max_new_tokens, seed}), ``resources``."""
+        return self._c.call(
+            FeedbackCalls.create_session(session_body(model, prompts_file, k, labels_per_item, extra))
+        )
+
+    def get_session(self, session_id: str) -> FeedbackSession:
+        return self._c.call(FeedbackCalls.get_session(session_id))
+
+    def list_sessions(self, *, limit: int = 20, after: str | None = None) -> Page[FeedbackSession]:
+        return self._c.call(FeedbackCalls.list_sessions(limit=limit, after=after))
+
+    def cancel_session(self, session_id: str) -> FeedbackSession:
+        return self._c.call(FeedbackCalls.cancel_session(session_id))
+
+    def wait_until_ready(
+        self, session_id: str, *, timeout: float = 600, poll_interval: float = 1.0
+    ) -> FeedbackSession:
+        """Poll until the answers are generated (or the session failed or was cancelled)."""
+        deadline = time.monotonic() + timeout
+        while (session := self.get_session(session_id)).status == "generating":
+            if time.monotonic() >= deadline:
+                raise errors.JobTimeoutError(f"session {session_id} still generating after {timeout}s")
+            time.sleep(poll_interval)
+        return session
+
+    def create_labeler_key(self, name: str) -> LabelerKey:
+        return self._c.call(FeedbackCalls.create_labeler_key(name))
+
+    def next_item(self, session_id: str) -> NextItem:
+        return self._c.call(FeedbackCalls.next_item(session_id))
+
+    def label(
+        self,
+        session_id: str,
+        item_id: str,
+        *,
+        ranking: list[list[str]] | None = None,
+        skipped: bool = False,
+        unsafe: list[str] | None = None,
+        note: str = "",
+    ) -> FeedbackLabel:
+        body = LabelCreate(ranking=ranking or [], skipped=skipped, unsafe=unsafe or [], note=note)
+        return self._c.call(FeedbackCalls.label(session_id, item_id, body))
+
+    def export(self, session_id: str, *, min_labels: int = 1) -> FileObject:
+        return self._c.call(FeedbackCalls.export(session_id, min_labels))

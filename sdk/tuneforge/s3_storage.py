@@ -29,6 +29,7 @@ def _client() -> Any:
         request_checksum_calculation=checksum,
         response_checksum_validation=checksum,
         retries={"max_attempts": 5, "mode": "standard"},
+        signature_version="s3v4",  # else presigned URLs may use SigV2, which newer AWS regions refuse
     )
     return boto3.client("s3", config=config)
 

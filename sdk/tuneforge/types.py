@@ -43,6 +43,9 @@ class MethodType(str, Enum):
     dpo = "dpo"
     reward_model = "reward_model"
     rlhf = "rlhf"
+    # Internal: a feedback session's generation job (K answers per prompt); not a training
+    # method, so POST /v1/fine_tuning/jobs refuses it.
+    sample = "sample"
 
 
 class Hyperparameters(_Request):
@@ -60,6 +63,20 @@ class Hyperparameters(_Request):
     )
     checkpoint_every: int | None = Field(
         None, ge=1, description="Save a resumable checkpoint every N steps (default: each epoch end)."
+    )
+    # Supervised only (as Axolotl names them); None means the default.
+    train_on_inputs: bool | None = Field(
+        None, description="Loss on every token, prompts included (default false: answers only; supervised)."
+    )
+    packing: bool | None = Field(
+        None, description="Pack several examples into each max_seq_length row (default false; supervised)."
+    )
+    max_seq_length: int | None = Field(
+        None,
+        ge=16,
+        le=131_072,
+        description="Longest sequence in tokens; longer examples are truncated and reported (supervised; "
+        "default: 1024 or the model's context, if shorter).",
     )
 
     @field_validator("n_epochs")
@@ -93,6 +110,9 @@ class Hyperparameters(_Request):
 
 class MethodParams(_Request):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    adapter: Literal["lora", "full"] | None = Field(
+        None, description="Train a LoRA adapter (default), or every weight of the model (full fine-tuning)."
+    )
 
 
 class RlhfHyperparameters(Hyperparameters):
@@ -112,6 +132,17 @@ class RlhfHyperparameters(Hyperparameters):
     missing_eos_penalty: float | None = Field(
         None, description="Subtracted from the reward of an answer that does not end with EOS."
     )
+    # Off by default: on the tiny model it helped one seed of three and hurt two (bench/RESULTS.md).
+    score_norm: bool = Field(
+        False, description="Normalise reward-model scores by their running mean and std (PPO)."
+    )
+    kl_target: float | None = Field(
+        None,
+        gt=0,
+        le=100,
+        description="Adaptive KL (Ziegler et al. 2019): steer kl_coef so the KL per answer nears this (PPO).",
+    )
+    kl_horizon: int = Field(10_000, ge=1, description="Adaptive KL horizon in answers (PPO).")
 
 
 class RewardFunction(_Request):
@@ -141,6 +172,16 @@ class RlhfParams(_Request):
         return self
 
 
+class SampleParams(MethodParams):
+    """A sample job (feedback sessions): ``k`` answers per prompt of the prompts file, seeded by
+    the job's ``seed``. The inherited hyperparameters are unused."""
+
+    k: int = Field(ge=2, le=9, description="Answers per prompt.")
+    temperature: float = Field(1.0, gt=0, le=5, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(64, ge=1, le=4096, description="Longest answer, in tokens.")
+
+
 class Method(_Request):
     """OpenAI's method object: ``{"type": "supervised", "supervised": {"hyperparameters": ...}}``."""
 
@@ -149,6 +190,7 @@ class Method(_Request):
     dpo: MethodParams | None = None
     reward_model: MethodParams | None = None
     rlhf: RlhfParams | None = None
+    sample: SampleParams | None = None
 
     @model_validator(mode="after")
     def _only_own_params(self) -> Method:
@@ -186,6 +228,9 @@ class Resources(_Request):
     nodes: int = Field(1, ge=1, le=64, description="Nodes; above 1 needs the kubernetes executor.")
     max_duration_s: int | None = Field(
         None, ge=60, description="Stop the attempt after this long (it can only lower the operator's limit)."
+    )
+    zero_stage: Literal[2, 3] | None = Field(
+        None, description="DeepSpeed ZeRO stage of a multi-GPU run (default 2; 3 also shards the weights)."
     )
 
 
@@ -371,7 +416,7 @@ class ApiKey(_Response):
     object: Literal["api_key"] = "api_key"
     project_id: str
     name: str
-    role: Literal["admin", "member"]
+    role: Literal["admin", "member", "labeler"]
     created_at: int
     key: str | None = Field(None, description="The secret; returned once, at creation.")
 
@@ -426,3 +471,137 @@ class JobSpec(_Request):
         None,
         description="Storage prefix of the reward_model job's adapter bundle (rlhf with a reward model).",
     )
+    samples_prefix: str | None = Field(
+        None,
+        description="Storage prefix where a sample job publishes samples.jsonl, then manifest.json.",
+    )
+
+
+# -- Feedback sessions: sample K answers, rank them, export rankings ------------------------
+
+
+class SamplingParams(_Request):
+    temperature: float = Field(1.0, gt=0, le=5, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(64, ge=1, le=4096, description="Longest answer, in tokens.")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="None: one is drawn and echoed.")
+
+
+class FeedbackSessionCreate(_Request):
+    """Body of ``POST /v1/feedback/sessions``."""
+
+    model: str = Field(min_length=1, max_length=256, description="A base model or an ft: model.")
+    prompts_file: str = Field(min_length=1, max_length=64, description="A file of rlhf prompts.")
+    k: int = Field(ge=2, le=9, description="Answers per prompt.")
+    labels_per_item: int = Field(1, ge=1, le=100, description="Distinct labelers per item.")
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    resources: Resources = Field(default_factory=Resources)
+
+
+class FeedbackProgress(_Response):
+    prompts_total: int = 0
+    prompts_generated: int = 0
+    items_total: int = 0
+    labels_needed: int = 0
+    labels_done: int = 0
+
+
+class FeedbackAgreement(_Response):
+    mean_kendall_tau: float | None = Field(None, description="Mean over items of the mean pairwise tau-b.")
+    items_with_multiple_labels: int = 0
+
+
+class LabelerStats(_Response):
+    labeler: str = Field(description="The labeling key's id.")
+    name: str | None = None
+    labels: int = 0
+    skips: int = 0
+
+
+class FeedbackSession(_Response):
+    id: str
+    object: Literal["feedback.session"] = "feedback.session"
+    status: Literal["generating", "ready", "failed", "cancelled"]
+    model: str
+    prompts_file: str
+    k: int
+    labels_per_item: int
+    sampling: SamplingParams
+    job_id: str
+    error: ErrorInfo | None = None
+    progress: FeedbackProgress = Field(default_factory=FeedbackProgress)
+    agreement: FeedbackAgreement = Field(default_factory=FeedbackAgreement)
+    labelers: list[LabelerStats] = Field(default_factory=list)
+    created_at: int
+
+
+class LabelerKeyCreate(_Request):
+    name: str = Field(min_length=1, max_length=128)
+
+
+class LabelerKey(_Response):
+    id: str
+    name: str
+    key: str | None = Field(None, description="The secret; returned once, at creation.")
+    role: Literal["labeler"] = "labeler"
+    created_at: int
+
+
+class FeedbackMessage(_Response):
+    role: str
+    content: str
+
+
+class FeedbackAnswer(_Response):
+    id: str
+    text: str
+
+
+class FeedbackLabel(_Response):
+    item_id: str
+    labeler: str
+    ranking: list[list[str]] = Field(default_factory=list)
+    skipped: bool = False
+    unsafe: list[str] = Field(default_factory=list)
+    note: str = ""
+    updated_at: int
+
+
+class FeedbackItem(_Response):
+    id: str
+    index: int
+    messages: list[FeedbackMessage]
+    answers: list[FeedbackAnswer]
+    label: FeedbackLabel | None = None
+
+
+class LabelerProgress(_Response):
+    done_by_me: int = 0
+    remaining_for_me: int = 0
+    items_total: int = 0
+
+
+class NextItem(_Response):
+    item: FeedbackItem | None = None
+    progress: LabelerProgress = Field(default_factory=LabelerProgress)
+
+
+class LabelCreate(_Request):
+    """A labeler's ranking of one item: groups of answer ids, best first (a group of several is a tie)."""
+
+    ranking: list[list[str]] = Field(default_factory=list, max_length=9)
+    skipped: bool = False
+    unsafe: list[str] = Field(default_factory=list, max_length=9)
+    note: str = Field("", max_length=2000)
+
+
+class FeedbackExport(_Request):
+    min_labels: int = Field(1, ge=1, le=100, description="Export items with at least this many labels.")
+
+
+class SampleRecord(_Request):
+    """One line of a sample job's ``samples.jsonl``: a prompt and its K answers."""
+
+    index: int = Field(ge=0, description="0-based line of the prompt in the prompts file.")
+    prompt: str | list[dict[str, Any]]
+    answers: list[str]

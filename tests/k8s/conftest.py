@@ -3,8 +3,9 @@ fake_apiserver.py), one namespace per test, and the executor talking to it over 
 
 from __future__ import annotations
 
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -50,6 +51,18 @@ def k8s_settings(namespace: str) -> KubernetesSettings:
 
 @pytest.fixture
 def executor(fake_k8s: FakeKubernetes, k8s_settings: KubernetesSettings) -> Iterator[KubernetesExecutor]:
-    ex = KubernetesExecutor(k8s_settings, api_client=fake_k8s.api_client(), cancel_wait_s=2)
+    # The per-pass LIST path, so a test that writes status and then reads it is deterministic; the
+    # watch (on by default) is tested in test_watch.py, waiting for its events.
+    ex = KubernetesExecutor(k8s_settings, api_client=fake_k8s.api_client(), cancel_wait_s=2, watch=False)
     yield ex
     ex.shutdown()
+
+
+def wait_until(condition: Callable[[], bool], what: str, limit_s: float = 20.0) -> None:
+    """Poll until ``condition()`` holds (a watch runs in its own thread). The limit only bounds a
+    broken test; nothing here asserts on how long it took."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        time.sleep(0.02)

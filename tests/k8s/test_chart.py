@@ -12,9 +12,14 @@ import helm_python
 import kubernetes_validate
 import pytest
 import yaml
+from kubernetes.client.exceptions import ApiException
 
+from tests.k8s.conftest import JOB_ID, make_spec, wait_until
+from tests.k8s.fake_apiserver import FakeKubernetes
 from tests.k8s.test_manifests import K8S_VERSIONS
-from tuneforge_scheduler.settings import SchedulerSettings
+from tuneforge_scheduler.executors import run_name
+from tuneforge_scheduler.executors.kubernetes import KubernetesExecutor
+from tuneforge_scheduler.settings import KubernetesSettings, SchedulerSettings
 
 CHART = Path(__file__).resolve().parents[2] / "helm" / "tuneforge"
 VALUE_FILES = {"defaults": None, **{p.stem: p for p in sorted((CHART / "ci").glob("*.yaml"))}}
@@ -89,10 +94,10 @@ def test_scheduler_is_a_single_reconciler_with_least_privilege(
     role = by_kind(objects, "Role")
     rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): set(r["verbs"]) for r in role["rules"]}
     assert rules == {
-        (("batch",), ("jobs",)): {"get", "list", "create", "patch", "delete"},
+        (("batch",), ("jobs",)): {"get", "list", "watch", "create", "patch", "delete"},
         (("",), ("pods",)): {"list"},
-        (("",), ("secrets",)): {"get", "create", "patch"},
-        (("",), ("configmaps", "services")): {"get", "create"},
+        (("",), ("secrets", "configmaps")): {"get", "create", "patch", "delete"},
+        (("",), ("services",)): {"get", "create"},
     }
     binding = by_kind(objects, "RoleBinding")
     assert binding["subjects"][0]["name"] == scheduler["spec"]["template"]["spec"]["serviceAccountName"]
@@ -156,3 +161,53 @@ def test_redis_is_in_cluster_or_external() -> None:
     scheduler = by_kind(external, "Deployment", "-scheduler")["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e for e in scheduler["env"]}
     assert env["TUNEFORGE_REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] == "tuneforge-redis"
+
+
+def _verb(method: str, path: str, query: dict[str, str]) -> tuple[str, str, str]:
+    """(apiGroup, resource, verb) that RBAC checks for one request of the executor."""
+    parts = path.strip("/").split("/")
+    group = "" if parts[0] == "api" else parts[1]
+    rest = parts[parts.index("namespaces") + 2 :]
+    named = len(rest) > 1
+    if method == "GET":
+        verb = "watch" if query.get("watch") in ("True", "true") else "get" if named else "list"
+    else:
+        verb = {"POST": "create", "PATCH": "patch", "DELETE": "delete", "PUT": "update"}[method]
+    return group, rest[0], verb
+
+
+def test_the_role_allows_every_request_the_executor_makes(
+    fake_k8s: FakeKubernetes, namespace: str, k8s_settings: KubernetesSettings
+) -> None:
+    """Drive the executor through everything it does (FAKE API server), then check each request's
+    verb against the chart's Role."""
+    ex = KubernetesExecutor(k8s_settings, api_client=fake_k8s.api_client(), cancel_wait_s=1)
+    name, other = run_name(JOB_ID, 1), run_name(JOB_ID, 2)
+    ex.submit(name, make_spec(nodes=2), {"TUNEFORGE_JOB_TOKEN": "t"})
+    ex.submit(name, make_spec(nodes=2), {"TUNEFORGE_JOB_TOKEN": "t2"})  # a relaunch: 409s, patch
+    fake_k8s.patch(
+        "batch/v1/jobs", name, {"status": {"conditions": [{"type": "Failed", "status": "True"}]}}, namespace
+    )
+    ex.refresh()
+    wait_until(lambda: ex.jobs_watch.stats.watches >= 1, "the watch opened")
+    ex.status(name)  # a failed Job: its pods are listed for the exit code
+    ex.release(name)
+    ex.orphan_grace_s = 0
+    ex.reap_orphans({name: "test"})
+    fake_k8s.fail_next("POST", f"/namespaces/{namespace}/jobs", 500)
+    with pytest.raises(ApiException):
+        ex.submit(other, make_spec(attempt=2), {"TUNEFORGE_JOB_TOKEN": "t"})  # cleans up after itself
+    ex.cancel(other)
+    ex.shutdown()
+
+    role = by_kind(render(), "Role")
+    allowed = {
+        (g, r, v)
+        for rule in role["rules"]
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+        for v in rule["verbs"]
+    }
+    used = {_verb(m, p, q) for m, p, q, _ in fake_k8s.requests() if f"/namespaces/{namespace}/" in p}
+    assert {v for _, _, v in used} >= {"watch", "list", "get", "create", "patch", "delete"}
+    assert used <= allowed, used - allowed

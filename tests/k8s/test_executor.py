@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from kubernetes.client.exceptions import ApiException
 
 from tests.k8s.conftest import JOB_ID, make_spec
 from tests.k8s.fake_apiserver import FakeKubernetes
@@ -97,9 +98,20 @@ def test_submit_several_nodes_creates_indexed_job_and_owned_headless_service(
     service = fake_k8s.get("v1/services", NAME, namespace)
     assert service["spec"]["clusterIP"] == "None"
     assert service["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
-    # POSTs in order: the Job first (its uid owns the rest), then what it owns.
-    posts = [r[1].rsplit("/", 1)[-1] for r in requests_of(fake_k8s, namespace) if r[0] == "POST"]
-    assert posts == ["jobs", "secrets", "configmaps", "services"]
+    # What the pod reads at start exists before the Job; the Job then owns it; the Service last.
+    writes = [
+        (r[0], r[1].split(f"/namespaces/{namespace}/", 1)[1])
+        for r in requests_of(fake_k8s, namespace)
+        if r[0] in ("POST", "PATCH")
+    ]
+    assert writes == [
+        ("POST", "secrets"),
+        ("POST", "configmaps"),
+        ("POST", "jobs"),
+        ("PATCH", f"secrets/{NAME}"),
+        ("PATCH", f"configmaps/{NAME}"),
+        ("POST", "services"),
+    ]
 
 
 def test_submit_twice_is_idempotent_and_refreshes_the_token(
@@ -300,7 +312,7 @@ def test_kueue_suspended_job_is_waiting_for_quota(
     fake_k8s: FakeKubernetes, namespace: str, k8s_settings: KubernetesSettings
 ) -> None:
     settings = k8s_settings.model_copy(update={"kueue_queue": "team-a-gpus"})
-    ex = KubernetesExecutor(settings, api_client=fake_k8s.api_client())
+    ex = KubernetesExecutor(settings, api_client=fake_k8s.api_client(), watch=False)
     ex.submit(NAME, make_spec(), TOKEN)
     job = fake_k8s.get("batch/v1/jobs", NAME, namespace)
     assert job["spec"]["suspend"] is True
@@ -318,14 +330,17 @@ def test_kueue_suspended_job_is_waiting_for_quota(
     assert ex.status(NAME).detail == ""
     # We never unsuspend a Job ourselves.
     assert not [r for r in requests_of(fake_k8s, namespace) if r[0] == "PATCH" and "/jobs/" in r[1]]
+    ex.shutdown()
 
 
 # -- cost of a pass ---------------------------------------------------------------------------
 
 
-def test_a_pass_is_one_list_and_finished_jobs_are_not_listed_again(
-    executor: KubernetesExecutor, fake_k8s: FakeKubernetes, namespace: str
+def test_without_the_watch_a_pass_is_one_list_and_finished_jobs_are_not_listed_again(
+    fake_k8s: FakeKubernetes, namespace: str, k8s_settings: KubernetesSettings
 ) -> None:
+    # The fallback path, taken whenever the watch is not healthy (tests/k8s/test_watch.py).
+    executor = KubernetesExecutor(k8s_settings, api_client=fake_k8s.api_client(), watch=False)
     names = [run_name(f"ftjob-{i:024x}", 1) for i in range(5)]
     for name, job_id in zip(names, [f"ftjob-{i:024x}" for i in range(5)], strict=True):
         executor.submit(name, make_spec(job_id=job_id), TOKEN)
@@ -347,6 +362,7 @@ def test_a_pass_is_one_list_and_finished_jobs_are_not_listed_again(
     assert job["spec"]["ttlSecondsAfterFinished"] == 3600
     executor.refresh()
     assert set(executor._snapshot.jobs) == set(names[1:])
+    executor.shutdown()
 
 
 def test_status_of_a_job_created_after_the_list_costs_one_get(
@@ -374,3 +390,88 @@ def test_cancel_deletes_in_the_foreground_and_404_counts_as_done(
     submitted.release(NAME)  # and releasing a deleted Job is fine too
     submitted.refresh()
     assert submitted.status(NAME).state == RunState.missing
+
+
+# -- the Secret and ConfigMap exist before the Job, and never outlive it -------------------------
+
+
+def test_a_job_that_cannot_be_created_leaves_no_secret_or_configmap(
+    executor: KubernetesExecutor, fake_k8s: FakeKubernetes, namespace: str
+) -> None:
+    fake_k8s.fail_next("POST", f"/namespaces/{namespace}/jobs", 500)
+    with pytest.raises(ApiException) as raised:
+        executor.submit(NAME, make_spec(), TOKEN)
+    assert raised.value.status == 500
+    assert fake_k8s.names("batch/v1/jobs", namespace) == []
+    assert fake_k8s.names("v1/secrets", namespace) == []
+    assert fake_k8s.names("v1/configmaps", namespace) == []
+    # The next launch of the attempt starts from nothing and succeeds.
+    executor.submit(NAME, make_spec(), TOKEN)
+    assert fake_k8s.get("v1/secrets", NAME, namespace)["metadata"]["ownerReferences"][0]["name"] == NAME
+
+
+def test_a_foreign_job_of_that_name_leaves_no_secret_behind(
+    executor: KubernetesExecutor, fake_k8s: FakeKubernetes, namespace: str
+) -> None:
+    fake_k8s.put("batch/v1/jobs", {"metadata": {"name": NAME, "labels": {"app": "someone-else"}}}, namespace)
+    with pytest.raises(ForeignObjectError):
+        executor.submit(NAME, make_spec(), TOKEN)
+    assert fake_k8s.names("v1/secrets", namespace) == []
+    assert fake_k8s.names("v1/configmaps", namespace) == []
+    assert fake_k8s.get("batch/v1/jobs", NAME, namespace)["metadata"]["labels"] == {"app": "someone-else"}
+
+
+def test_if_the_job_cannot_own_its_secret_all_three_go_and_the_attempt_is_missing(
+    executor: KubernetesExecutor, fake_k8s: FakeKubernetes, namespace: str
+) -> None:
+    fake_k8s.fail_next("PATCH", f"/namespaces/{namespace}/secrets/{NAME}", 500)
+    with pytest.raises(ApiException):
+        executor.submit(NAME, make_spec(), TOKEN)
+    for resource in ("batch/v1/jobs", "v1/secrets", "v1/configmaps"):
+        assert fake_k8s.names(resource, namespace) == []
+    executor.refresh()
+    assert executor.status(NAME).state == RunState.missing  # so the scheduler launches it again
+
+
+def test_cancel_of_a_job_never_created_deletes_its_secret(
+    executor: KubernetesExecutor, fake_k8s: FakeKubernetes, namespace: str
+) -> None:
+    """The scheduler died between creating the Secret and the Job, then the job was cancelled."""
+    fake_k8s.fail_next("POST", f"/namespaces/{namespace}/jobs", 503)
+    fake_k8s.fail_next("DELETE", f"/namespaces/{namespace}/secrets/{NAME}", 503)
+    fake_k8s.fail_next("DELETE", f"/namespaces/{namespace}/configmaps/{NAME}", 503)
+    with pytest.raises(ApiException):
+        executor.submit(NAME, make_spec(), TOKEN)
+    assert fake_k8s.names("v1/secrets", namespace) == [NAME]  # the clean-up failed too
+    executor.cancel(NAME)
+    assert fake_k8s.names("v1/secrets", namespace) == []
+    assert fake_k8s.names("v1/configmaps", namespace) == []
+
+
+def test_a_job_create_that_failed_after_all_keeps_its_secret(
+    executor: KubernetesExecutor, fake_k8s: FakeKubernetes, namespace: str
+) -> None:
+    """The create answered an error, yet the API server made the Job (a lost answer)."""
+    fake_k8s.fail_next("POST", f"/namespaces/{namespace}/jobs", 504, applied=True)
+    executor.submit(NAME, make_spec(), TOKEN)
+    uid = fake_k8s.get("batch/v1/jobs", NAME, namespace)["metadata"]["uid"]
+    for resource in ("v1/secrets", "v1/configmaps"):
+        assert fake_k8s.get(resource, NAME, namespace)["metadata"]["ownerReferences"][0]["uid"] == uid
+
+
+def test_a_job_create_whose_outcome_is_unknown_keeps_its_secret(
+    executor: KubernetesExecutor, fake_k8s: FakeKubernetes, namespace: str
+) -> None:
+    """The create's answer is lost and the read-back fails too: the Job may exist, so its Secret and
+    ConfigMap stay (deleting them would leave its pod waiting on them forever)."""
+    fake_k8s.fail_next("POST", f"/namespaces/{namespace}/jobs", 504, applied=True)
+    fake_k8s.fail_next("GET", f"/namespaces/{namespace}/jobs/{NAME}", 503)
+    with pytest.raises(ApiException) as raised:
+        executor.submit(NAME, make_spec(), TOKEN)
+    assert raised.value.status == 504
+    assert fake_k8s.names("v1/secrets", namespace) == [NAME]
+    assert fake_k8s.names("v1/configmaps", namespace) == [NAME]
+    # The relaunch finds all three and makes the Job their owner.
+    executor.submit(NAME, make_spec(), TOKEN)
+    uid = fake_k8s.get("batch/v1/jobs", NAME, namespace)["metadata"]["uid"]
+    assert fake_k8s.get("v1/secrets", NAME, namespace)["metadata"]["ownerReferences"][0]["uid"] == uid

@@ -11,6 +11,7 @@ fast against a closed port and is only logged, which is its documented behaviour
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,17 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.conftest import ADMIN_KEY, free_port
+from tests.k8s.conftest import make_spec, wait_until
 from tests.k8s.fake_apiserver import FakeKubernetes
 from tuneforge.storage import MANIFEST, adapter_prefix, job_prefix
+from tuneforge.types import JobStatus
 from tuneforge_api.app import create_app
 from tuneforge_api.db.engine import migrate
 from tuneforge_api.services import Services
 from tuneforge_api.store import jobs
 from tuneforge_scheduler.executors import run_name
 from tuneforge_scheduler.executors.kubernetes import KubernetesExecutor
+from tuneforge_scheduler.k8s.manifests import build_job
 from tuneforge_scheduler.k8s.names import RECORDED
 from tuneforge_scheduler.lifecycle import Scheduler
 from tuneforge_scheduler.settings import KubernetesSettings, SchedulerSettings
@@ -65,7 +69,11 @@ async def scheduler(
     # Its own engine, as in the scheduler's own process (the API's lives on the TestClient's loop).
     services = Services.build(settings)
     await migrate(services.engine)
-    executor = KubernetesExecutor(settings.kubernetes, api_client=fake_k8s.api_client(), cancel_wait_s=2)
+    # The per-pass LIST (deterministic after a status write); test_reconcile_with_the_watch below
+    # runs the loop on the watch cache.
+    executor = KubernetesExecutor(
+        settings.kubernetes, api_client=fake_k8s.api_client(), cancel_wait_s=2, watch=False
+    )
     yield Scheduler(services=services, executor=executor)
     executor.shutdown()
     await services.close()
@@ -253,3 +261,106 @@ async def test_a_job_lost_before_launch_is_launched_again(
     async with scheduler.services.sessions() as session:
         row = await jobs.get_row_any_project(session, job_id)
     assert (row.status, row.attempt) == ("running", 1)
+
+
+async def test_orphan_jobs_are_deleted_after_a_grace_period_and_nothing_else_is(
+    api: TestClient,
+    scheduler: Scheduler,
+    fake_k8s: FakeKubernetes,
+    namespace: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    executor = scheduler.executor
+    running_id, finished_id = create_job(api), create_job(api)
+    await scheduler.reconcile()  # both start: their Jobs exist
+    project = job_json(api, running_id)["organization_id"]
+    # The scheduler recorded the end of `finished_id` but could not release its Job (API down).
+    async with scheduler.services.sessions() as session:
+        assert await jobs.transition(session, finished_id, (JobStatus.running,), JobStatus.failed)
+        await session.commit()
+
+    def job_of(job_id: str, project_id: str, **labels: str) -> dict[str, Any]:
+        spec = make_spec(job_id=job_id).model_copy(update={"project_id": project_id})
+        job = build_job(spec, executor.settings, name=run_name(job_id, 1), namespace=namespace)
+        job["metadata"]["labels"].update(labels)
+        return job
+
+    unknown = "ftjob-" + "f" * 24  # no row: created after the backup this database was restored from
+    fake_k8s.put("batch/v1/jobs", job_of(unknown, project), namespace)
+    # Never ours to judge: another installation's project, and a Job without our labels.
+    stranger = "ftjob-" + "e" * 24
+    fake_k8s.put("batch/v1/jobs", job_of(stranger, "proj-of-another-installation"), namespace)
+    mimic = "ftjob-" + "d" * 24
+    fake_k8s.put(
+        "batch/v1/jobs", job_of(mimic, project, **{"app.kubernetes.io/managed-by": "helm"}), namespace
+    )
+    # Recorded: out of our hands already (its TTL deletes it).
+    recorded = "ftjob-" + "c" * 24
+    fake_k8s.put("batch/v1/jobs", job_of(recorded, project, **{RECORDED: "true"}), namespace)
+    every_job = fake_k8s.names("batch/v1/jobs", namespace)
+
+    executor.orphan_grace_s = 3600
+    await scheduler.reconcile()
+    await scheduler.reconcile()
+    assert fake_k8s.names("batch/v1/jobs", namespace) == every_job  # within the grace period
+
+    executor.orphan_grace_s = 0  # the grace period has passed
+    with caplog.at_level(logging.WARNING, logger="tuneforge.scheduler.kubernetes"):
+        await scheduler.reconcile()
+    gone = {run_name(unknown, 1), run_name(finished_id, 1)}
+    assert fake_k8s.names("batch/v1/jobs", namespace) == sorted(set(every_job) - gone)
+    deletes = [r for r in fake_k8s.requests() if r[0] == "DELETE" and f"/{namespace}/jobs/" in r[1]]
+    assert sorted(r[1].rsplit("/", 1)[-1] for r in deletes) == sorted(gone)
+    for _, _, _, body in deletes:
+        assert body["propagationPolicy"] == "Foreground" and body["preconditions"]["uid"]
+    logged = [r.getMessage() for r in caplog.records if "orphan" in r.getMessage()]
+    prefix = f"deleting orphan Job {namespace}/"
+    assert sorted(logged) == sorted(
+        [
+            f"{prefix}{run_name(unknown, 1)}: job {unknown} has no record in the database",
+            f"{prefix}{run_name(finished_id, 1)}: job {finished_id} is already failed",
+        ]
+    )
+    # The running job is untouched and still running.
+    assert job_json(api, running_id)["status"] == "running"
+    assert run_name(running_id, 1) in fake_k8s.names("batch/v1/jobs", namespace)
+
+
+async def test_reconcile_with_the_watch_reads_status_from_it(
+    api: TestClient, scheduler: Scheduler, fake_k8s: FakeKubernetes, namespace: str
+) -> None:
+    listing = scheduler.executor
+    scheduler.executor = KubernetesExecutor(listing.settings, api_client=fake_k8s.api_client())
+    try:
+        await _succeed_through_the_watch(api, scheduler, fake_k8s, namespace)
+    finally:
+        scheduler.executor.shutdown()
+        scheduler.executor = listing
+
+
+async def _succeed_through_the_watch(
+    api: TestClient, scheduler: Scheduler, fake_k8s: FakeKubernetes, namespace: str
+) -> None:
+    executor = scheduler.executor
+    job_id = create_job(api)
+    await scheduler.reconcile()  # the Job is created
+    await scheduler.reconcile()  # the first pass with a running job starts the watch (and lists)
+    name = run_name(job_id, 1)
+    watch = executor.jobs_watch
+    wait_until(lambda: watch.healthy and name in watch.items(), "the watch has the new Job")
+
+    project = job_json(api, job_id)["organization_id"]
+    storage = scheduler.services.storage
+    storage.put_bytes(adapter_prefix(project, job_id) + MANIFEST, json.dumps({"metrics": {}}).encode())
+    finish(fake_k8s, namespace, name, {"type": "Complete"})
+    wait_until(
+        lambda: "Complete" in str((watch.items().get(name) or {}).get("status")), "the Complete event arrived"
+    )
+    fake_k8s.clear_requests()
+    await scheduler.reconcile()
+    assert job_json(api, job_id)["status"] == "succeeded"
+    # The pass read the Job from the watch: its only request is the release (label + TTL).
+    sent = [(m, p.rsplit("/", 1)[-1]) for m, p, _, _ in fake_k8s.requests() if f"/{namespace}/" in p]
+    assert sent == [("PATCH", name)]
+    wait_until(lambda: name not in watch.items(), "the recorded Job left the watch")
+    assert watch.stats.lists == 1

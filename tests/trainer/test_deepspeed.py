@@ -176,3 +176,55 @@ def test_two_process_zero2_run_through_torchrun(
         len(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]) for c in chats
     )
     assert manifest["metrics"]["trained_tokens"] == 2 * per_epoch
+
+
+def test_zero_stage_comes_from_the_spec() -> None:
+    from tuneforge_trainer.launch import zero_stage
+
+    assert zero_stage(make_spec()) == 2
+    three = make_spec(resources={"gpus": 8, "zero_stage": 3})
+    assert zero_stage(three) == 3
+    assert deepspeed_config(three)["zero_optimization"]["stage"] == 3
+    assert deepspeed_config(make_spec())["zero_optimization"]["stage"] == 2
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("adapter", ["lora", "full"])
+def test_two_process_zero3_run_through_torchrun(
+    adapter: str,
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    event_sink: EventSink,
+    make_job: Callable[..., TrainerJob],
+    trainer_env: dict[str, str],
+) -> None:
+    """ZeRO-3 shards the weights too; saving gathers them, so the published weights are whole."""
+    from safetensors.torch import load_file
+
+    data = b"\n".join((REPO / "examples" / "demo_chat.jsonl").read_bytes().splitlines()[:16])
+    params = {"hyperparameters": {"n_epochs": 2, "batch_size": 4}, "adapter": adapter}
+    method = {"type": "supervised", "supervised": params}
+    job = make_job(tmp_path, data, event_sink.url, method=method, resources={"gpus": 0, "zero_stage": 3})
+    env = dict(trainer_env, TUNEFORGE_TRAINER_NPROC="2")
+    env.setdefault(
+        "TORCH_EXTENSIONS_DIR",
+        os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
+    )
+    result = subprocess.run(job.command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "world_size=2" in result.stdout
+
+    storage = FileStorage(job.root)
+    prefix = adapter_prefix("proj-test", job.job_id)
+    manifest = json.loads(storage.get_bytes(prefix + "manifest.json"))
+    assert manifest["metrics"]["steps"] == 4  # 16 examples, 4 per process, 2 processes, 2 epochs
+    assert manifest["metrics"]["final_loss"] < manifest["metrics"]["first_loss"]
+    weights_file = "adapter_model.safetensors" if adapter == "lora" else "model.safetensors"
+    assert manifest["adapter"] == adapter and weights_file in manifest["files"]
+    weights = load_file(job.root / prefix / weights_file)
+    # Gathered, not rank 0's shard: every tensor has its full shape (a ZeRO-3 shard is flat, or empty).
+    base = load_file(tiny_model_dir / "model.safetensors")
+    for name, tensor in weights.items():
+        assert tensor.numel() > 0, name
+        if adapter == "full":
+            assert tensor.shape == base[name].shape, name

@@ -287,3 +287,148 @@ def test_prompt_with_an_assistant_answer_is_non_retriable(
     error = Run(job, 42, "", []).error()
     assert error["code"] == "invalid_training_file"
     assert "line 3: the last message is the assistant's" in error["message"]
+
+
+class Collect:
+    """An in-process stand-in for the events reporter: keeps what the run reports."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+        self.data: list[dict[str, Any]] = []
+
+    def metrics(self, text: str, data: dict[str, Any]) -> bool:
+        self.data.append(data)
+        return True
+
+    def message(self, text: str, level: str = "info", data: dict[str, Any] | None = None) -> bool:
+        self.messages.append(text)
+        return True
+
+
+def in_process_ppo(
+    root: Path, rm: TrainerJob, tiny_model_dir: Path, work: Path, *, seed: int = 42, **fields: Any
+) -> tuple[dict[str, Any], Collect, Any]:
+    """PPO through ``prepare_run`` and ``train_rlhf``, as a trainer process runs them; storage under
+    ``root`` with the RM job's adapter copied in. ``(metrics, reporter, ctx)``."""
+    import shutil
+
+    from tuneforge.types import JobSpec
+    from tuneforge_trainer.rlhf.prompts import load_prompt_file
+    from tuneforge_trainer.rlhf.train import train_rlhf
+    from tuneforge_trainer.workflow import prepare_run
+
+    rm_prefix = adapter_prefix(rm.spec["project_id"], rm.job_id)
+    shutil.copytree(rm.root / rm_prefix, root / rm_prefix, dirs_exist_ok=True)
+    (root / "prompts.jsonl").write_bytes(jsonl(PROMPTS[:6]))
+    hp = {"n_epochs": 4, "batch_size": 3, "rollout_batch_size": 6, "max_new_tokens": 8, "checkpoint_every": 2}
+    spec = JobSpec.model_validate(
+        {
+            "job_id": "ftjob-ppo-inproc",
+            "project_id": "proj-test",
+            "attempt": 1,
+            "base_model": "tuneforge/tiny-llama",
+            "method": rlhf_method("ppo", **{**hp, **fields.pop("hp", {})}),
+            "lora": LORA,
+            "seed": seed,
+            "training_file_key": "prompts.jsonl",
+            "storage_uri": root.as_uri(),
+            "api_base_url": "http://127.0.0.1:9",
+            "reward_model_key": rm_prefix,
+            **fields,
+        }
+    )
+    storage = FileStorage(root)
+    reporter = Collect()
+    ctx = prepare_run(spec, storage, reporter, tiny_model_dir, work)  # type: ignore[arg-type]
+    metrics = train_rlhf(ctx, load_prompt_file(storage, spec.training_file_key))
+    return metrics, reporter, ctx
+
+
+def test_ppo_resumes_from_its_checkpoint_to_the_same_adapter(
+    runs: dict[str, Run], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A retried attempt continues from step 2 with the optimizer, KL coefficient and score
+    moments it had, and ends with the adapter an uninterrupted run publishes (bit for bit)."""
+    from tuneforge.storage import checkpoint_prefix, complete_checkpoint_steps
+
+    hp = {"kl_target": 1.0, "kl_horizon": 20}  # an adaptive KL coefficient that moves each rollout
+    root = tmp_path / "storage"
+    whole, first, ctx = in_process_ppo(root, runs["rm"].job, tiny_model_dir, tmp_path / "a1", hp=hp)
+    assert complete_checkpoint_steps(FileStorage(root), "proj-test", "ftjob-ppo-inproc") == [2]
+    coefs = [d["kl_coef"] for d in first.data if "kl_coef" in d]
+    assert len(set(coefs)) == 4  # adapted after every rollout
+    uninterrupted = (ctx.adapter_dir / "adapter_model.safetensors").read_bytes()
+
+    resumed, second, ctx2 = in_process_ppo(
+        root,
+        runs["rm"].job,
+        tiny_model_dir,
+        tmp_path / "a2",
+        hp=hp,
+        attempt=2,
+        resume_from_key=checkpoint_prefix("proj-test", "ftjob-ppo-inproc", 2),
+    )
+    assert second.messages == ["resumed from step 2 (attempt 2)"]
+    steps = [d for d in second.data if "reward_mean" in d]
+    assert [d["step"] for d in steps] == [3, 4]
+    assert [d["kl_coef"] for d in steps] == coefs[2:]  # the controller's state came back too
+    assert [d["reward_mean"] for d in steps] == [d["reward_mean"] for d in first.data if "reward_mean" in d][
+        2:
+    ]
+    assert (ctx2.adapter_dir / "adapter_model.safetensors").read_bytes() == uninterrupted
+    assert resumed["final_loss"] == whole["final_loss"]
+
+
+def test_ppo_starts_from_an_sft_adapter(runs: dict[str, Run], tiny_model_dir: Path, tmp_path: Path) -> None:
+    """model "ft:..." of an SFT job: the policy starts as that adapter (the reference is a frozen copy)."""
+    from safetensors.torch import load_file
+
+    from tuneforge.types import JobSpec
+    from tuneforge_trainer.data import parse_sft_lines
+    from tuneforge_trainer.sft import train_sft
+    from tuneforge_trainer.training import RunContext
+
+    sft_spec = JobSpec.model_validate(
+        {
+            "job_id": "ftjob-sft",
+            "project_id": "proj-test",
+            "attempt": 1,
+            "base_model": "tuneforge/tiny-llama",
+            "method": {
+                "type": "supervised",
+                "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 8}},
+            },
+            "lora": LORA,
+            "training_file_key": "k",
+            "storage_uri": tmp_path.as_uri(),
+            "api_base_url": "http://127.0.0.1:9",
+        }
+    )
+    demo = (Path(__file__).resolve().parents[2] / "examples" / "demo_chat.jsonl").read_bytes()
+    sft_ctx = RunContext(spec=sft_spec, base_model_dir=tiny_model_dir, work_dir=tmp_path / "sft")
+    train_sft(sft_ctx, parse_sft_lines(demo.splitlines()))
+
+    # Publish the SFT adapter where the API points init_adapter_key for an ft: model.
+    root = tmp_path / "storage"
+    from tuneforge_trainer.publish import publish_adapter
+
+    publish_adapter(FileStorage(root), sft_spec, sft_ctx.adapter_dir, {})
+    hp = {"n_epochs": 1, "learning_rate_multiplier": 1e-6}  # one rollout, (almost) no update
+    _, started, ctx = in_process_ppo(
+        root,
+        runs["rm"].job,
+        tiny_model_dir,
+        tmp_path / "ppo",
+        hp=hp,
+        init_adapter_key=adapter_prefix("proj-test", "ftjob-sft"),
+    )
+    assert ctx.init_adapter_dir is not None
+    rollout = next(d for d in started.data if "reward_mean" in d)
+    assert abs(rollout["kl"]) < 1e-4  # the reference is the SFT adapter's frozen copy: no KL at the start
+    start, end = (
+        load_file(sft_ctx.adapter_dir / "adapter_model.safetensors"),
+        load_file(ctx.adapter_dir / "adapter_model.safetensors"),
+    )
+    assert start.keys() == end.keys()
+    assert max(float((start[k] - end[k]).abs().max()) for k in start) < 1e-4  # the policy is the SFT one
+    assert any(float(t.abs().max()) > 0.01 for k, t in end.items() if "lora_B" in k)  # not a fresh LoRA

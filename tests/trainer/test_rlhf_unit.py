@@ -114,3 +114,28 @@ def test_prompts_file_checks() -> None:
     assert "line 1: the last message is the assistant's" in message and "(final_assistant_message)" in message
     assert "line 2:" in message and "(unexpected_answer)" in message
     assert "line 3:" in message and "(missing_prompt)" in message
+
+
+def test_running_moments_match_the_moments_of_everything_seen() -> None:
+    moments = pm.RunningMoments()
+    first, second = T([1.0, 3.0]), T([5.0, 7.0, 9.0])
+    # First batch: mean 2, variance 1 (population), so 1 -> -1 and 3 -> +1.
+    assert moments.normalise(first).tolist() == pytest.approx([-1.0, 1.0])
+    moments.update(second)
+    # All five: mean 5, population variance (16+4+0+4+16)/5 = 8.
+    assert (moments.count, moments.mean, moments.var) == pytest.approx((5.0, 5.0, 8.0))
+    restored = pm.RunningMoments(**moments.state())
+    assert restored.normalise(T([5.0])).item() == pytest.approx(0.0)  # a checkpoint resumes the moments
+    assert restored.count == 6
+
+
+def test_adaptive_kl_coefficient_follows_ziegler() -> None:
+    # KL 9 vs target 6: error clip(0.5, ±0.2) = 0.2; 64 answers of a 10,000 horizon: β·(1 + 0.2·0.0064).
+    assert pm.adaptive_kl_coef(0.1, kl=9.0, target=6.0, n_steps=64, horizon=10_000) == pytest.approx(
+        0.1 * 1.00128
+    )
+    # KL 4.5: error −0.25 clipped to −0.2, β shrinks; KL on target: β unchanged.
+    assert pm.adaptive_kl_coef(0.1, kl=4.5, target=6.0, n_steps=100, horizon=100) == pytest.approx(0.08)
+    assert pm.adaptive_kl_coef(0.1, kl=6.0, target=6.0, n_steps=100, horizon=100) == pytest.approx(0.1)
+    # KL 6.6 is inside the clip: error 0.1.
+    assert pm.adaptive_kl_coef(0.1, kl=6.6, target=6.0, n_steps=50, horizon=100) == pytest.approx(0.105)

@@ -14,6 +14,7 @@ from tuneforge.types import Hyperparameters, JobSpec, MethodType
 from tuneforge_trainer.tiny_model import TINY_MODEL_ID
 
 DataFormat = Literal["messages", "prompt_completion"]
+AdapterKind = Literal["lora", "full"]
 
 # Methods this trainer runs; anything else is a non-retriable "unsupported_method".
 SUPPORTED_METHODS = frozenset(MethodType)
@@ -25,8 +26,15 @@ LORA_BASE_LR = {
     MethodType.dpo: 5e-5,
     MethodType.rlhf: 1e-5,
 }
+# Full fine-tuning moves every weight: rates 10-100x below LoRA's (TRL's full-model examples).
+FULL_BASE_LR = {
+    MethodType.supervised: 2e-5,
+    MethodType.reward_model: 1e-5,
+    MethodType.dpo: 5e-7,
+}
 # A random tiny model barely moves at LoRA rates in a few dozen steps; 1e-2 makes tests and the demo visible.
 TINY_MODEL_BASE_LR = 1e-2
+TINY_MODEL_FULL_LR = 1e-3
 DEFAULT_N_EPOCHS = 3
 MAX_AUTO_BATCH_SIZE = 8
 DEFAULT_MAX_LENGTH = 1024
@@ -51,9 +59,17 @@ def resolve_hyperparameters(hp: Hyperparameters, n_examples: int) -> ResolvedHyp
     return ResolvedHyperparameters(n_epochs, batch_size, multiplier)
 
 
+def adapter_kind(spec: JobSpec) -> AdapterKind:
+    """``method.<type>.adapter``: "lora" (the default) or "full" (rlhf always trains adapters)."""
+    return getattr(spec.method.params, "adapter", None) or "lora"
+
+
 def base_learning_rate(spec: JobSpec) -> float:
+    full = adapter_kind(spec) == "full"
     if spec.base_model == TINY_MODEL_ID:
-        return TINY_MODEL_BASE_LR
+        return TINY_MODEL_FULL_LR if full else TINY_MODEL_BASE_LR
+    if full:
+        return FULL_BASE_LR.get(spec.method.type, FULL_BASE_LR[MethodType.supervised])
     return LORA_BASE_LR.get(spec.method.type, LORA_BASE_LR[MethodType.supervised])
 
 
@@ -190,6 +206,18 @@ def training_args_kwargs(
     return kwargs
 
 
+@dataclass(frozen=True)
+class SFTOptions:
+    train_on_inputs: bool
+    packing: bool
+    max_seq_length: int | None  # None: the model's default (``modeling.max_length_for``)
+
+
+def sft_options(spec: JobSpec) -> SFTOptions:
+    hp = spec.method.params.hyperparameters
+    return SFTOptions(bool(hp.train_on_inputs), bool(hp.packing), hp.max_seq_length)
+
+
 def sft_config_kwargs(
     spec: JobSpec,
     hp: ResolvedHyperparameters,
@@ -201,15 +229,24 @@ def sft_config_kwargs(
 ) -> dict[str, Any]:
     """Arguments for ``trl.SFTConfig``.
 
-    Loss covers only what the model must produce: assistant turns for chat data
-    (``assistant_only_loss``), the completion for prompt/completion data (TRL's default).
+    By default loss covers only what the model must produce: assistant turns for chat data
+    (``assistant_only_loss``), the completion for prompt/completion data; ``train_on_inputs``
+    puts it on every token. ``packing`` packs examples best-fit-decreasing into rows of
+    ``max_length`` tokens without splitting any (TRL's "bfd"), which makes TRL's collator
+    padding-free: one row per batch, sequence boundaries in ``position_ids``. FlashAttention
+    reads them as varlen boundaries; transformers' sdpa and eager attention (CPU) build a
+    block-diagonal causal mask from them, so packed examples never see each other either way.
     """
+    options = sft_options(spec)
     kwargs = training_args_kwargs(spec, hp, output_dir=output_dir, **common)
     kwargs.update(
         max_length=max_length,
-        assistant_only_loss=data_format == "messages",
-        completion_only_loss=True if data_format == "prompt_completion" else None,
+        assistant_only_loss=data_format == "messages" and not options.train_on_inputs,
+        completion_only_loss=not options.train_on_inputs if data_format == "prompt_completion" else None,
+        packing=options.packing,
     )
+    if options.packing:
+        kwargs.update(packing_strategy="bfd", padding_free=True)
     return kwargs
 
 

@@ -2,10 +2,11 @@
 
 ZeRO-2 by default (optimizer state and gradients sharded; with LoRA the trainable state is
 small, so this is the cheap, fast choice). ZeRO-3 also shards the frozen base weights, for
-bases that do not fit one GPU; the JobSpec has no field for it yet, so callers pass
-``zero_stage``. Precision and batch sizes are ``"auto"``: the HF Trainer fills them from its
-own arguments, so the two can never disagree. There is no ``optimizer`` section: the Trainer's
-torch AdamW is used, which avoids compiling DeepSpeed's CPU Adam op.
+bases that do not fit one GPU, and is what full fine-tuning of a large model needs; the job
+picks it with ``resources.zero_stage``. Precision and batch sizes are ``"auto"``: the HF
+Trainer fills them from its own arguments, so the two can never disagree. There is no
+``optimizer`` section: the Trainer's torch AdamW is used, which avoids compiling DeepSpeed's
+CPU Adam op.
 
 Related settings live with the other mappings in ``config_mapping``: QLoRA under ZeRO-3
 stores the 4-bit weights in the compute dtype (``bnb_4bit_quant_storage``), and peft under
@@ -22,8 +23,10 @@ from tuneforge.types import JobSpec
 ZERO_STAGES = (2, 3)
 
 
-def deepspeed_config(spec: JobSpec, *, zero_stage: int = 2) -> dict[str, Any]:
-    """The DeepSpeed config for a multi-process run of ``spec``."""
+def deepspeed_config(spec: JobSpec, *, zero_stage: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed config for a multi-process run of ``spec``; ``zero_stage`` defaults to the
+    spec's ``resources.zero_stage``, then 2."""
+    zero_stage = zero_stage or spec.resources.zero_stage or 2
     if zero_stage not in ZERO_STAGES:
         raise ValueError(f"zero_stage must be one of {ZERO_STAGES}, not {zero_stage!r}")
     zero: dict[str, Any] = {

@@ -24,7 +24,6 @@ from tuneforge.types import JobSpec
 from tuneforge_trainer.errors import EXIT_NON_RETRIABLE, EXIT_OK, EXIT_RETRIABLE
 
 NPROC_ENV = "TUNEFORGE_TRAINER_NPROC"
-ZERO_STAGE_ENV = "TUNEFORGE_TRAINER_ZERO_STAGE"  # until the JobSpec has a field for it
 WORK_DIR_ENV = "TUNEFORGE_TRAINER_WORK_DIR"
 EXIT_DIR_ENV = "TUNEFORGE_TRAINER_EXIT_DIR"
 STOP_GRACE_SECONDS = 30
@@ -36,8 +35,9 @@ def requested_processes(spec: JobSpec) -> int:
     return spec.resources.gpus if spec.resources.gpus > 1 else 1
 
 
-def zero_stage() -> int:
-    return int(os.environ.get(ZERO_STAGE_ENV, "2"))
+def zero_stage(spec: JobSpec) -> int:
+    """The DeepSpeed ZeRO stage of a multi-process run: ``resources.zero_stage``, else 2."""
+    return spec.resources.zero_stage or 2
 
 
 def world_size() -> int:

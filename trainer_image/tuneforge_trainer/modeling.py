@@ -16,6 +16,7 @@ from typing import Any
 from tuneforge.types import JobSpec, MethodType
 from tuneforge_trainer.config_mapping import (
     DEFAULT_MAX_LENGTH,
+    adapter_kind,
     lora_config_kwargs,
     model_init_kwargs,
     quantization_config_kwargs,
@@ -38,11 +39,13 @@ def load_tokenizer(spec: JobSpec, base_model_dir: Path, *, chat: bool) -> Any:
     return tokenizer
 
 
-def max_length_for(base_model_dir: Path) -> int:
+def max_length_for(base_model_dir: Path, requested: int | None = None) -> int:
+    """``requested`` (or 1024 when None), capped at the model's context length."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(base_model_dir)
-    return min(DEFAULT_MAX_LENGTH, getattr(config, "max_position_embeddings", DEFAULT_MAX_LENGTH))
+    wanted = requested or DEFAULT_MAX_LENGTH
+    return min(wanted, getattr(config, "max_position_embeddings", wanted))
 
 
 def bnb_config(spec: JobSpec, *, zero_stage: int | None = None) -> Any:
@@ -70,9 +73,19 @@ def model_and_lora(
     quantization: Any = None,
     distributed: bool = False,
 ) -> tuple[Any, Any]:
-    """``(model, peft_config)`` for a TRL trainer: ``(folder, LoraConfig)`` or ``(PeftModel, None)``."""
+    """``(model, peft_config)`` for a TRL trainer: ``(folder, LoraConfig)`` or ``(PeftModel, None)``;
+    ``(folder, None)`` for full fine-tuning, where TRL trains every weight of the loaded base."""
     from peft import LoraConfig
 
+    if adapter_kind(spec) == "full":
+        # The API refuses these combinations at create time; a hand-written spec still fails clearly.
+        if quantization is not None:
+            raise ConfigError("invalid_adapter", "full fine-tuning needs an unquantized base", "quantization")
+        if init_adapter_dir is not None:
+            raise ConfigError(
+                "invalid_adapter", "full fine-tuning starts from the base model", "from_checkpoint"
+            )
+        return str(base_model_dir), None
     lora = lora_config_kwargs(spec)
     if init_adapter_dir is None:
         return str(base_model_dir), LoraConfig(**lora)

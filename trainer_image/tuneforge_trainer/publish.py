@@ -1,4 +1,4 @@
-"""Publish the trained adapter to storage, manifest last.
+"""Publish the trained adapter (or, for full fine-tuning, the whole model folder) to storage, manifest last.
 
 An adapter without a manifest does not exist (DESIGN.md, storage layout): readers look for
 ``adapter/manifest.json``, and it is written only after every file it lists is in place.
@@ -15,6 +15,7 @@ from typing import Any
 
 from tuneforge.storage import MANIFEST, Storage, adapter_prefix, put_dir
 from tuneforge.types import JobSpec
+from tuneforge_trainer.config_mapping import adapter_kind
 
 MANIFEST_VERSION = 1
 
@@ -62,7 +63,8 @@ def build_manifest(spec: JobSpec, adapter_dir: Path, metrics: dict[str, Any]) ->
         "method": spec.method.type.value,
         "base_model": spec.base_model,
         "quantization": spec.quantization,
-        "lora": spec.lora.model_dump(mode="json"),
+        "adapter": adapter_kind(spec),  # "full": a model folder (config.json, model.safetensors)
+        "lora": spec.lora.model_dump(mode="json") if adapter_kind(spec) == "lora" else None,
         "tokenizer_sha256": tokenizer_sha256(adapter_dir),
         "files": files,
         "metrics": metrics,

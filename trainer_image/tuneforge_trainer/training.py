@@ -56,6 +56,8 @@ class RunContext:
         ``modeling.model_and_lora``."""
         from tuneforge_trainer.modeling import bnb_config, model_and_lora
 
+        if self.distributed and self.zero_stage == 3:
+            _init_deepspeed_comm(self.spec)
         quantization = bnb_config(self.spec, zero_stage=self.zero_stage)
         model, peft_config = model_and_lora(
             self.spec,
@@ -75,6 +77,16 @@ class RunContext:
             "deepspeed": self.deepspeed,
             "distributed": self.distributed,
         }
+
+
+def _init_deepspeed_comm(spec: JobSpec) -> None:
+    """Under ZeRO-3, ``from_pretrained`` builds the model already sharded (``deepspeed.zero.Init``),
+    which sizes batches by DeepSpeed's own view of the world. On GPUs accelerate has started
+    DeepSpeed's communication by then; on CPUs it starts torch.distributed alone, so DeepSpeed
+    would count one process. Starting it here (it wraps an existing process group) fixes that."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo" if spec.resources.gpus == 0 else "nccl")
 
 
 def callbacks(ctx: RunContext, progress: Any) -> list[Any]:
@@ -130,16 +142,18 @@ def fit(
 
 
 def save_adapter(trainer: Any, adapter_dir: Path, *, base_model: str) -> None:
-    """Write adapter_config.json, adapter_model.safetensors and the tokenizer files (rank 0)."""
+    """Write adapter_config.json, adapter_model.safetensors and the tokenizer files (rank 0); for
+    full fine-tuning, the whole model folder (config.json, model.safetensors) and the tokenizer."""
     # save_model is collective under DeepSpeed ZeRO-3 (it gathers the shards): every rank calls it.
     trainer.save_model(str(adapter_dir))
     if not trainer.is_world_process_zero():
         return
     # peft records the local folder the base came from; the public model id is what travels.
     config_path = adapter_dir / "adapter_config.json"
-    config = json.loads(config_path.read_text())
-    config["base_model_name_or_path"] = base_model
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if config_path.is_file():
+        config = json.loads(config_path.read_text())
+        config["base_model_name_or_path"] = base_model
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     # Not part of an adapter: the model card repeats local paths, training_args.bin is a pickle,
     # and "ref" is the frozen DPO reference copy of a starting adapter.
     for name in ("README.md", "training_args.bin"):

@@ -53,6 +53,8 @@ def load_inputs(spec: JobSpec, storage: Storage) -> Inputs:
             return load_sft_file(storage, key, param)
         if spec.method.type == MethodType.rlhf:  # prompts only: the policy writes the answers
             return load_prompt_file(storage, key, param)
+        if spec.method.type == MethodType.sample:  # prompts to answer for a feedback session
+            return load_prompt_file(storage, key, param)
         # K-way rankings train a reward model; DPO takes pairs.
         return load_preference_file(
             storage, key, allow_rankings=spec.method.type == MethodType.reward_model, param=param
@@ -84,7 +86,7 @@ def prepare_run(
         resume = Resume(work_dir / RESUME_DIR, int(manifest["step"]), manifest)
     init_dir = work_dir / INIT_ADAPTER_DIR
     distributed = launch.is_worker()
-    zero_stage = launch.zero_stage() if distributed else None
+    zero_stage = launch.zero_stage(spec) if distributed else None
     return RunContext(
         spec=spec,
         base_model_dir=base_model_dir,
@@ -127,7 +129,7 @@ def check_deepspeed(spec: JobSpec, inputs: Inputs) -> None:
         from tuneforge_trainer.deepspeed_mapping import validate_deepspeed_config
 
         hp = resolve_hyperparameters(spec.method.params.hyperparameters, len(inputs.train))
-        config = deepspeed_config(spec, zero_stage=launch.zero_stage())
+        config = deepspeed_config(spec, zero_stage=launch.zero_stage(spec))
         validate_deepspeed_config(config, micro_batch_size=hp.batch_size, bf16=not on_cpu(spec))
     except ImportError:
         raise ConfigError(
@@ -144,6 +146,10 @@ def train_and_publish(ctx: RunContext, inputs: Inputs, storage: Storage) -> dict
     from tuneforge_trainer.publish import publish_adapter
 
     method = ctx.spec.method.type
+    if method == MethodType.sample:  # answers for a feedback session: no adapter to publish
+        from tuneforge_trainer.sample import generate_and_publish
+
+        return generate_and_publish(ctx, inputs.train, storage)  # type: ignore[arg-type]
     if method == MethodType.supervised:
         from tuneforge_trainer.sft import train_sft
 

@@ -163,3 +163,70 @@ class WebhookDeliveryRow(Base):
     delivered_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
     __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),)
+
+
+class FeedbackSessionRow(Base):
+    """A human-feedback session: a sample job generates K answers per prompt, labelers rank them."""
+
+    __tablename__ = "feedback_sessions"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"))
+    status: Mapped[str] = mapped_column(String(16))  # generating | ready | failed | cancelled
+    model: Mapped[str] = mapped_column(String(256))
+    prompts_file: Mapped[str] = mapped_column(String(64))
+    k: Mapped[int] = mapped_column(Integer)
+    labels_per_item: Mapped[int] = mapped_column(Integer)
+    sampling: Mapped[dict[str, Any]] = mapped_column(JSON)
+    job_id: Mapped[str] = mapped_column(String(64), index=True)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (Index("ix_feedback_sessions_project_seq", "project_id", "seq"),)
+
+
+class FeedbackItemRow(Base):
+    """One prompt of a session, as chat messages; written once, when the samples are ingested."""
+
+    __tablename__ = "feedback_items"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    session_id: Mapped[str] = mapped_column(ForeignKey("feedback_sessions.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column(Integer)
+    # The prompt as in the prompts file: a string, or a list of messages.
+    prompt: Mapped[Any] = mapped_column(JSON)
+
+    __table_args__ = (UniqueConstraint("session_id", "index", name="uq_feedback_items_session_index"),)
+
+
+class FeedbackAnswerRow(Base):
+    __tablename__ = "feedback_answers"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    item_id: Mapped[str] = mapped_column(ForeignKey("feedback_items.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column(Integer)  # order of generation
+    text: Mapped[str] = mapped_column(Text)
+
+    __table_args__ = (UniqueConstraint("item_id", "index", name="uq_feedback_answers_item_index"),)
+
+
+class FeedbackLabelRow(Base):
+    """One labeler on one item: opened (an assignment), then labelled or skipped; upserted."""
+
+    __tablename__ = "feedback_labels"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    session_id: Mapped[str] = mapped_column(ForeignKey("feedback_sessions.id", ondelete="CASCADE"))
+    item_id: Mapped[str] = mapped_column(ForeignKey("feedback_items.id", ondelete="CASCADE"))
+    labeler: Mapped[str] = mapped_column(String(64))  # the API key's id
+    state: Mapped[str] = mapped_column(String(16))  # open | labelled | skipped
+    ranking: Mapped[list[list[str]] | None] = mapped_column(JSON, nullable=True)
+    unsafe: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    note: Mapped[str] = mapped_column(Text, default="")
+    opened_at: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        UniqueConstraint("item_id", "labeler", name="uq_feedback_labels_item_labeler"),
+        Index("ix_feedback_labels_session_labeler", "session_id", "labeler"),
+    )

@@ -7,21 +7,25 @@ nothing is stored. A larger one is stored as ``uploaded`` and validated in the b
 
 from __future__ import annotations
 
+import hashlib
+import json
 import unicodedata
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import IO, Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from tuneforge.storage import file_key
 from tuneforge.types import FileObject, Page
+from tuneforge_api import quotas
 from tuneforge_api.db.tables import FileRow
 from tuneforge_api.deps import PrincipalDep, ServicesDep, SessionDep, release
 from tuneforge_api.errors import ApiError, BodyTooLarge, not_found
+from tuneforge_api.idempotency import IdempotentRequest, commit_or_replay, idempotent_request
 from tuneforge_api.services import Services
 from tuneforge_api.store import files
 from tuneforge_api.store.ids import new_id, now
@@ -64,11 +68,34 @@ def clean_filename(name: str | None) -> str:
     """Keep a display name only: no path, no control characters, bounded length."""
     base = (name or "upload.jsonl").replace("\\", "/").rsplit("/", 1)[-1]
     base = "".join(c for c in base if unicodedata.category(c)[0] != "C")
-    return base[:255] or "upload.jsonl"
+    base = base[:255]
+    return base if base.strip(". ") else "upload.jsonl"  # "..", "." or blanks name no file
 
 
-@router.post("", response_model=FileObject)
-async def upload_file(request: Request, principal: PrincipalDep, services: ServicesDep) -> FileObject:
+# The form is read by hand (streamed, size-checked), so FastAPI cannot infer it: document it.
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "purpose"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "purpose": {"type": "string", "enum": sorted(PURPOSES)},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@router.post("", response_model=FileObject, openapi_extra=UPLOAD_BODY)
+async def upload_file(
+    request: Request, principal: PrincipalDep, services: ServicesDep
+) -> FileObject | JSONResponse:
     try:
         form = await request.form(max_files=1, max_fields=8)
     except BodyTooLarge:
@@ -92,6 +119,14 @@ async def upload_file(request: Request, principal: PrincipalDep, services: Servi
                 413, "file_too_large", f"The file exceeds the limit of {limit} bytes.", param="file"
             )
         size = upload.file.tell()
+        # A replay answers what the first request got, before any check that could now differ.
+        idem = await _idempotent_upload(request, principal, upload, str(purpose), size)
+        if idem:
+            async with services.sessions() as session:
+                if replayed := await idem.replay(session):
+                    return replayed
+        async with services.sessions() as session:
+            await quotas.check_storage(session, services.settings, principal.project_id, size)
         upload.file.seek(0)
         background = _background(request.app)
         settings = background.settings
@@ -116,16 +151,44 @@ async def upload_file(request: Request, principal: PrincipalDep, services: Servi
         try:
             async with services.sessions() as session:
                 created = await files.insert(session, row)
-                await session.commit()
+                if idem:
+                    await idem.save(session, created)  # same transaction as the row
+                replayed = await commit_or_replay(session, idem)
         except BaseException:
             # The row never committed, so the object is unreachable: remove it.
             await run_in_threadpool(services.storage.delete, key)
             raise
+        if replayed:  # a concurrent request with the same key stored the file first
+            await run_in_threadpool(services.storage.delete, key)
+            return replayed
         if in_background:
             background.start(principal.project_id, file_id)
         return created
     finally:
         await form.close()
+
+
+async def _idempotent_upload(
+    request: Request, principal: PrincipalDep, upload: UploadFile, purpose: str, size: int
+) -> IdempotentRequest | None:
+    """With an Idempotency-Key, the upload's fingerprint: its form fields and content hash."""
+    if "idempotency-key" not in request.headers:
+        return None
+    digest = await run_in_threadpool(_sha256, upload.file)
+    canonical = json.dumps(
+        {"purpose": purpose, "filename": clean_filename(upload.filename), "bytes": size, "sha256": digest},
+        sort_keys=True,
+    )
+    return idempotent_request(request, principal, canonical)
+
+
+def _sha256(fh: IO[bytes]) -> str:
+    digest = hashlib.sha256()
+    fh.seek(0)
+    while chunk := fh.read(1 << 20):
+        digest.update(chunk)
+    fh.seek(0)
+    return digest.hexdigest()
 
 
 def _validate_upload(services: Services, settings: ValidationSettings, fh: IO[bytes], size: int) -> dict:
@@ -162,7 +225,11 @@ async def get_file(file_id: str, principal: PrincipalDep, session: SessionDep) -
     return files.to_model(await _row(session, principal, file_id))
 
 
-@router.get("/{file_id}/content")
+@router.get(
+    "/{file_id}/content",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}}, "description": "The file's bytes."}},
+)
 async def file_content(
     file_id: str, principal: PrincipalDep, session: SessionDep, services: ServicesDep
 ) -> StreamingResponse:
@@ -184,8 +251,18 @@ async def file_content(
 async def delete_file(
     file_id: str, principal: PrincipalDep, session: SessionDep, services: ServicesDep
 ) -> dict:
-    await _row(session, principal, file_id)
-    await files.remove(session, principal.project_id, file_id)
+    try:
+        found = await files.delete_unless_in_use(session, principal.project_id, file_id)
+    except files.FileInUse as exc:
+        raise ApiError(
+            409,
+            "file_in_use",
+            f"File {file_id!r} is used by unfinished jobs ({exc}); cancel them or wait until they end.",
+            param="file_id",
+            headers={"x-should-retry": "false"},  # it will not change within a retry's backoff
+        ) from None
+    if not found:
+        raise not_found("file", file_id, "file_id")
     await session.commit()
     await run_in_threadpool(services.storage.delete, file_key(principal.project_id, file_id))
     return {"id": file_id, "object": "file", "deleted": True}

@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from tuneforge.storage import MANIFEST, adapter_prefix
 from tuneforge.types import Checkpoint, Event, Job, JobCreate, JobStatus, Page
+from tuneforge_api import adapter_urls
 from tuneforge_api.checkpoints import list_checkpoints
 from tuneforge_api.db.tables import JobRow
 from tuneforge_api.deps import PrincipalDep, ServicesDep, SessionDep, release
@@ -95,7 +96,11 @@ async def cancel(job_id: str, principal: PrincipalDep, session: SessionDep, serv
     return jobs.to_model(row)
 
 
-@router.get("/{job_id}/events", response_model=Page[Event])
+@router.get(
+    "/{job_id}/events",
+    response_model=Page[Event],
+    responses={200: {"content": {"text/event-stream": {}}, "description": "A page, or an SSE stream."}},
+)
 async def list_events(
     job_id: str,
     request: Request,
@@ -144,7 +149,31 @@ async def checkpoints(
     )
 
 
-@router.get("/{job_id}/adapter")
+@router.get("/{job_id}/adapter/urls", response_model=adapter_urls.AdapterUrls)
+async def presigned_adapter(
+    job_id: str, principal: PrincipalDep, session: SessionDep, services: ServicesDep
+) -> adapter_urls.AdapterUrls:
+    """Short-lived URLs of the adapter's files in the object store (s3:// with TUNEFORGE_PRESIGN)."""
+    row = await _row(session, principal, job_id)
+    prefix = adapter_prefix(principal.project_id, job_id)
+    settings, storage = services.settings, services.storage
+    if row.status != JobStatus.succeeded.value or not await run_in_threadpool(
+        storage.exists, prefix + MANIFEST
+    ):
+        raise ApiError(404, "adapter_not_found", f"Job {job_id} has no adapter; it is {row.status}.")
+    if not adapter_urls.can_presign(storage, settings.presign):
+        raise adapter_urls.unavailable()
+    await release(session)
+    return await run_in_threadpool(
+        adapter_urls.presigned_urls, storage, prefix, job_id, settings.presign_ttl_s
+    )
+
+
+@router.get(
+    "/{job_id}/adapter",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/x-tar": {}}, "description": "The adapter folder as a tar."}},
+)
 async def download_adapter(
     job_id: str, principal: PrincipalDep, session: SessionDep, services: ServicesDep
 ) -> StreamingResponse:

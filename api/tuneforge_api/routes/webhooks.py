@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.concurrency import run_in_threadpool
 
 from tuneforge.types import Page
 from tuneforge_api.deps import PrincipalDep, ServicesDep, SessionDep
 from tuneforge_api.errors import ApiError, not_found
+from tuneforge_api.idempotency import commit_or_replay, idempotent_request
 from tuneforge_api.store import webhooks
 from tuneforge_api.store.webhooks import JOB_EVENTS, Delivery, Webhook
 from tuneforge_api.webhooks.signing import new_secret
@@ -26,8 +31,20 @@ class WebhookCreate(BaseModel):
 
 @router.post("", response_model=Webhook)
 async def create(
-    body: WebhookCreate, principal: PrincipalDep, session: SessionDep, services: ServicesDep
-) -> Webhook:
+    body: WebhookCreate,
+    request: Request,
+    principal: PrincipalDep,
+    session: SessionDep,
+    services: ServicesDep,
+) -> Webhook | JSONResponse:
+    # The stored response leaves the signing secret out; a replay reads it from the webhook's row.
+    async def restore(session: AsyncSession, stored: dict[str, Any]) -> str | None:
+        row = await webhooks.get_row(session, principal.project_id, stored["id"])
+        return row.secret if row is not None else None
+
+    idem = idempotent_request(request, principal, body)
+    if idem and (replayed := await idem.replay(session, restore)):
+        return replayed
     unknown = sorted(set(body.events) - set(JOB_EVENTS))
     if unknown:
         raise ApiError(
@@ -42,7 +59,10 @@ async def create(
     hook = await webhooks.create(
         session, principal.project_id, body.url, sorted(set(body.events)), new_secret()
     )
-    await session.commit()
+    if idem:
+        await idem.save(session, hook, withhold="secret")
+    if replayed := await commit_or_replay(session, idem, restore):
+        return replayed
     return hook
 
 

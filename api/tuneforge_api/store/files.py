@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import undefer
 
-from tuneforge.types import FileObject, Page
-from tuneforge_api.db.tables import FileRow
+from tuneforge.types import FileObject, JobStatus, Page
+from tuneforge_api.db.tables import FileRow, JobRow
 from tuneforge_api.store.pages import newest_first
 
 
@@ -43,19 +43,22 @@ class FileFacts(NamedTuple):
     status_details: str | None
 
 
-async def facts(session: AsyncSession, project_id: str, file_id: str) -> FileFacts | None:
-    row = (
-        await session.execute(
-            select(
-                FileRow.id,
-                FileRow.purpose,
-                FileRow.status,
-                FileRow.data_format,
-                FileRow.n_examples,
-                FileRow.status_details,
-            ).where(FileRow.project_id == project_id, FileRow.id == file_id)
-        )
-    ).first()
+async def facts(
+    session: AsyncSession, project_id: str, file_id: str, *, hold: bool = False
+) -> FileFacts | None:
+    """The file's facts. ``hold=True`` (job create) takes a share lock on its row until the
+    transaction ends, so a concurrent ``delete_unless_in_use`` waits for the new job and sees it."""
+    query = select(
+        FileRow.id,
+        FileRow.purpose,
+        FileRow.status,
+        FileRow.data_format,
+        FileRow.n_examples,
+        FileRow.status_details,
+    ).where(FileRow.project_id == project_id, FileRow.id == file_id)
+    if hold:
+        query = query.with_for_update(read=True)  # FOR SHARE on PostgreSQL; SQLite: see below
+    row = (await session.execute(query)).first()
     return FileFacts(*row) if row else None
 
 
@@ -79,6 +82,50 @@ async def remove(session: AsyncSession, project_id: str, file_id: str) -> bool:
         delete(FileRow).where(FileRow.project_id == project_id, FileRow.id == file_id)
     )
     return result.rowcount > 0
+
+
+ACTIVE_JOB_STATES = [s.value for s in JobStatus if not s.is_finished()]
+
+
+async def jobs_using(session: AsyncSession, project_id: str, file_id: str) -> list[str]:
+    """Ids of the unfinished jobs that train or evaluate on the file."""
+    rows = await session.scalars(
+        select(JobRow.id)
+        .where(
+            JobRow.project_id == project_id,
+            JobRow.status.in_(ACTIVE_JOB_STATES),
+            or_(JobRow.training_file == file_id, JobRow.validation_file == file_id),
+        )
+        .order_by(JobRow.seq)
+        .limit(10)
+    )
+    return list(rows)
+
+
+class FileInUse(Exception):
+    def __init__(self, job_ids: list[str]) -> None:
+        super().__init__(", ".join(job_ids))
+        self.job_ids = job_ids
+
+
+async def delete_unless_in_use(session: AsyncSession, project_id: str, file_id: str) -> bool:
+    """Delete the row (uncommitted) unless an unfinished job uses the file (``FileInUse``);
+    False when there is no such file.
+
+    Race-safe with job create: on PostgreSQL the row is locked FOR UPDATE before the jobs are
+    looked up, and create holds a share lock on it (``facts(hold=True)``) until it commits; so
+    the lookup, a new statement under READ COMMITTED, runs after any such create has committed
+    (and sees its job), and a create that comes later waits, then finds no file. On SQLite a
+    process has one connection, so the two transactions cannot interleave at all.
+    """
+    locked = await session.scalar(
+        select(FileRow.id).where(FileRow.project_id == project_id, FileRow.id == file_id).with_for_update()
+    )
+    if locked is None:
+        return False
+    if users := await jobs_using(session, project_id, file_id):
+        raise FileInUse(users)
+    return await remove(session, project_id, file_id)
 
 
 async def get_row_with_profile(session: AsyncSession, project_id: str, file_id: str) -> FileRow | None:

@@ -12,6 +12,8 @@ from tuneforge_api.db.tables import ApiKeyRow, ProjectRow
 from tuneforge_api.store.ids import hash_secret, new_id, new_secret, now, same_hash
 
 DEFAULT_PROJECT = "default"
+# A labeler key may only rank answers in its project's feedback sessions (deps.get_principal).
+LABELER = "labeler"
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,10 @@ class Principal:
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+    @property
+    def is_labeler(self) -> bool:
+        return self.role == LABELER
 
 
 def _project(row: ProjectRow) -> Project:
@@ -84,3 +90,27 @@ async def authenticate(session: AsyncSession, secret: str) -> Principal | None:
 
 async def has_any_key(session: AsyncSession) -> bool:
     return await session.scalar(select(ApiKeyRow.seq).limit(1)) is not None
+
+
+async def key_names(session: AsyncSession, project_id: str, key_ids: list[str]) -> dict[str, str]:
+    """Key id -> name, for this project's keys among ``key_ids``."""
+    if not key_ids:
+        return {}
+    rows = await session.execute(
+        select(ApiKeyRow.id, ApiKeyRow.name).where(
+            ApiKeyRow.project_id == project_id, ApiKeyRow.id.in_(key_ids)
+        )
+    )
+    return {key_id: name for key_id, name in rows}
+
+
+async def revoke_key(session: AsyncSession, project_id: str, key_id: str) -> bool:
+    """Mark the project's key revoked; False when the project has no such key."""
+    row = await session.scalar(
+        select(ApiKeyRow).where(ApiKeyRow.project_id == project_id, ApiKeyRow.id == key_id)
+    )
+    if row is None:
+        return False
+    row.revoked = True
+    await session.flush()
+    return True

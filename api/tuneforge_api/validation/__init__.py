@@ -1,8 +1,9 @@
 """Dataset validation: every problem of a JSONL file, by line, with a stable code; the file's
 format; and its size and token statistics. Streamed in blocks, so memory stays bounded.
 
-``scan`` reads, ``fast`` proves plain chat blocks valid quickly, ``rules`` names problems,
-``formats`` decides the file's format, ``tokens`` counts tokens, ``report`` holds the outcome.
+``scan`` reads, ``fast`` proves plain chat blocks valid quickly (on worker processes for a
+large file: ``parallel``), ``rules`` names problems, ``formats`` decides the file's format,
+``tokens`` counts tokens, ``report`` holds the outcome.
 """
 
 from tuneforge_api.validation.formats import CHAT, PREFERENCE, PROMPT_COMPLETION, PROMPTS, RANKINGS

@@ -14,7 +14,7 @@ every line takes the rules path.
 from __future__ import annotations
 
 from operator import attrgetter
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 from tuneforge_api.validation.rules import CHAT, CHAT_OR_PROMPT, MESSAGE_OVERHEAD, TRAINED_OVERHEAD
 
@@ -170,3 +170,43 @@ def trained_size(example: Any) -> int:
         for t, is_trained in texts
         if is_trained
     )
+
+
+class BlockFacts(NamedTuple):
+    """What the fast path learned of a block's lines, small enough to send between processes.
+
+    ``kinds[i]`` is kind_of line i (None: the rules must look); ``trained`` and ``texts`` hold,
+    by line index, the trained size of valid lines with ``line % trained_stride == 0`` and the
+    token-sample texts (``texts_of``) of valid lines with ``line % sample_stride == 0``.
+    """
+
+    kinds: list[str | None]
+    trained: dict[int, int]
+    texts: dict[int, tuple[list[tuple[str, bool]], int, int]]
+
+
+def classify(
+    block: bytes, lines: list[bytes], first: int, trained_stride: int, sample_stride: int
+) -> BlockFacts:
+    """The fast path over one block of whole lines (``first`` is the first line's number)."""
+    examples = decode_lines(block, lines)
+    kinds = list(map(kind_of, examples))
+    trained = {
+        i: trained_size(examples[i])
+        for i in range(-first % trained_stride, len(lines), trained_stride)
+        if kinds[i] is not None
+    }
+    texts = {}
+    if sample_stride:
+        texts = {
+            i: texts_of(examples[i])
+            for i in range(-first % sample_stride, len(lines), sample_stride)
+            if kinds[i] is not None
+        }
+    return BlockFacts(kinds, trained, texts)
+
+
+def classify_block(block: bytes, n: int, first: int, trained_stride: int, sample_stride: int) -> BlockFacts:
+    """``classify`` for a worker process, which gets the block and its line count only."""
+    lines = block.split(b"\n", n - 1) if n > 1 else [block]
+    return classify(block, lines, first, trained_stride, sample_stride)

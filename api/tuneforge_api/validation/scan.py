@@ -2,7 +2,8 @@
 
 - a line longer than ``max_line_bytes`` is never held whole: it is reported and skipped;
 - blocks are ~1 MiB; a block of plain chat lines goes through ``fast``, anything else through
-  ``rules`` line by line;
+  ``rules`` line by line; on a large file ``fast`` runs on worker processes (``parallel``), and
+  only its per-line facts come back, so everything below happens here, in line order;
 - duplicates are found with a set of 8-byte line hashes, capped at ``dedupe_cap`` examples
   (~80 MB for the default 1,000,000): beyond the cap a repeat of a remembered example is still
   found, but new examples are no longer remembered;
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import IO, Any
 
-from tuneforge_api.validation import fast, formats, rules
+from tuneforge_api.validation import fast, formats, parallel, rules
 from tuneforge_api.validation.report import MAX_PROBLEMS, Problem, Report, SizeProfile, excerpt
 from tuneforge_api.validation.tokens import DEFAULT_MAX_SEQ_LENGTH, TokenSample, token_stats
 
@@ -28,6 +29,7 @@ DEDUPE_CAP = 1_000_000
 BLOCK_BYTES = 1 << 20
 TRAINED_SAMPLE_BYTES = 16 << 20
 UTF8_BOM = b"\xef\xbb\xbf"
+PARALLEL_MIN_BYTES = 32 << 20  # below this, starting the worker processes costs more than it saves
 
 _STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _DEPTH_STEP = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
@@ -40,6 +42,10 @@ class Limits:
     dedupe_cap: int = DEDUPE_CAP
     block_bytes: int = BLOCK_BYTES
     keep_all_problem_lines: bool = False  # every problem's line in Report.problem_lines (unbounded)
+    # Worker processes for the fast path (``parallel``) on files of at least parallel_min_bytes;
+    # None: one per idle CPU (at most 8; none on a busy host); 0 or 1: none.
+    workers: int | None = None
+    parallel_min_bytes: int = PARALLEL_MIN_BYTES
 
 
 def json_depth(line: bytes) -> int:
@@ -120,6 +126,7 @@ class Validator:
     seen: set[int] = field(default_factory=set)
     profile: SizeProfile = field(default_factory=SizeProfile)
     trained_stride: int = 1  # trained sizes are measured on every n-th line (see validate_jsonl)
+    workers: int = 0  # processes for the fast path; 0 or 1: this one (see validate_jsonl)
     fast_lines: int = 0  # lines the fast path proved valid (the rest went through the rules)
 
     def __post_init__(self) -> None:
@@ -128,7 +135,16 @@ class Validator:
             self.kinds.keep = 1 << 62
 
     def feed(self, fh: IO[bytes]) -> Report:
-        for first, block, n in iter_blocks(fh, self.limits):
+        fast_path = self.use_fast_path and fast.AVAILABLE
+        blocks: Iterator[tuple[int, bytes, int, fast.BlockFacts | None]]
+        if fast_path and self.workers > 1:
+            # Worker processes run the fast path a few blocks ahead; the rest stays here, in order.
+            blocks = parallel.classified(
+                iter_blocks(fh, self.limits), self.workers, self.trained_stride, self._sample_stride()
+            )
+        else:
+            blocks = ((first, block, n, None) for first, block, n in iter_blocks(fh, self.limits))
+        for first, block, n, facts in blocks:
             self.report.n_lines = first + max(n, 1) - 1
             if n == 0:
                 self.report.n_examples += 1
@@ -136,18 +152,22 @@ class Validator:
                 self.report.add(first, "too_long", f"line is longer than {limit} bytes", block)
                 continue
             lines = block.split(b"\n", n - 1) if n > 1 else [block]
-            if self.use_fast_path and fast.AVAILABLE:
-                self._fast_block(first, block, lines)
+            if fast_path:
+                if facts is None:
+                    facts = fast.classify(block, lines, first, self.trained_stride, self._sample_stride())
+                self._fast_block(first, lines, facts)
             else:
                 for i, line in enumerate(lines):
                     self._line(first + i, line)
         return self.finish()
 
-    def _fast_block(self, first: int, block: bytes, lines: list[bytes]) -> None:
-        """Decode the block at once; runs of valid chat lines are accounted in bulk (set and list
-        operations in C), the other lines go through the rules, in line order."""
-        examples = fast.decode_lines(block, lines)
-        kinds = list(map(fast.kind_of, examples))
+    def _sample_stride(self) -> int:
+        return self.sample.stride if self.sample is not None else 0
+
+    def _fast_block(self, first: int, lines: list[bytes], facts: fast.BlockFacts) -> None:
+        """Runs of lines the fast path proved valid are accounted in bulk (set and list
+        operations in C); the other lines go through the rules, in line order."""
+        kinds = facts.kinds
         limit = self.limits.max_line_bytes
         bad = [i for i, k in enumerate(kinds) if k is None] if None in kinds else []
         if max(map(len, lines)) > limit:
@@ -155,17 +175,19 @@ class Validator:
         start = 0
         for stop in [*bad, len(lines)]:
             if stop > start:
-                self._run(first + start, lines[start:stop], examples[start:stop], kinds[start:stop])
+                self._run(first, start, lines[start:stop], facts)
             if stop < len(lines):
                 self._line(first + stop, lines[stop])
             start = stop + 1
 
-    def _run(self, first: int, lines: list[bytes], examples: list, kinds: list) -> None:
-        """A run of lines the fast path proved valid; a duplicate sends it line by line."""
+    def _run(self, block_first: int, offset: int, lines: list[bytes], facts: fast.BlockFacts) -> None:
+        """A run of lines the fast path proved valid, from index ``offset`` of the block that
+        starts at line ``block_first``; a duplicate sends the run line by line."""
+        first = block_first + offset
         stripped = list(map(bytes.strip, lines))
         keys = set(map(hash, stripped))
         if len(keys) != len(lines) or not self.seen.isdisjoint(keys):
-            return self._mixed_block(first, b"", lines, examples, kinds)
+            return self._mixed_run(block_first, offset, lines, facts)
         self._remember(keys)
         self.fast_lines += len(lines)
         self.report.n_examples += len(lines)
@@ -174,9 +196,10 @@ class Validator:
         measured = range(-first % stride, len(lines), stride)
         self.profile.add_many(
             sizes,
-            trained=sum(fast.trained_size(examples[i]) for i in measured),
+            trained=sum(facts.trained[offset + i] for i in measured),
             trained_of=sum(sizes[i] for i in measured),
         )
+        kinds = facts.kinds[offset : offset + len(lines)]
         n_chat = kinds.count(rules.CHAT)
         for kind, count in ((rules.CHAT, n_chat), (rules.CHAT_OR_PROMPT, len(lines) - n_chat)):
             firsts = []
@@ -188,25 +211,15 @@ class Validator:
                 ]
             self.kinds.add_many(kind, firsts, count)
         if self.sample is not None:
-            for i, example in enumerate(examples):
+            for i in range(len(lines)):
                 if self.sample.wants(first + i):
-                    self.sample.add(*fast.texts_of(example), sizes[i])
+                    self.sample.add(*facts.texts[offset + i], sizes[i])
 
-    def _mixed_block(
-        self,
-        first: int,
-        block: bytes,
-        lines: list[bytes],
-        examples: list | None = None,
-        kinds: list | None = None,
-    ) -> None:
+    def _mixed_run(self, block_first: int, offset: int, lines: list[bytes], facts: fast.BlockFacts) -> None:
         """Line by line, in order: the fast result where there is one, the rules elsewhere."""
-        if examples is None or kinds is None:
-            examples = fast.decode_lines(block, lines)
-            kinds = list(map(fast.kind_of, examples))
         limit, cap, stride = self.limits.max_line_bytes, self.limits.dedupe_cap, self.trained_stride
         for i, line in enumerate(lines):
-            kind, line_no = kinds[i], first + i
+            kind, line_no = facts.kinds[offset + i], block_first + offset + i
             if kind is None or len(line) > limit:
                 self._line(line_no, line)
                 continue
@@ -221,12 +234,12 @@ class Validator:
             self.report.n_examples += 1
             size = len(stripped)
             if line_no % stride == 0:
-                self.profile.add(size, fast.trained_size(examples[i]), size)
+                self.profile.add(size, facts.trained[offset + i], size)
             else:
                 self.profile.add(size)
             self.kinds.add(kind, line_no, self._kind_excerpt(kind, stripped))
             if self.sample is not None and self.sample.wants(line_no):
-                self.sample.add(*fast.texts_of(examples[i]), size)
+                self.sample.add(*facts.texts[offset + i], size)
 
     def _kind_excerpt(self, kind: str, line: bytes) -> str:
         """Only the first lines of a kind can become problems that show an excerpt."""
@@ -311,10 +324,15 @@ def validate_jsonl(
     """Validate a JSONL dataset read from ``fh``; the report says everything found.
 
     With ``size_hint`` (the file's size), a file over ``TRAINED_SAMPLE_BYTES`` has its trained
-    (answer) sizes measured on a systematic sample of lines, and the total scaled from it.
+    (answer) sizes measured on a systematic sample of lines, and the total scaled from it; and a
+    file of at least ``limits.parallel_min_bytes`` runs the fast path on worker processes.
     """
+    limits = limits or Limits()
     stride = max(1, (size_hint or 0) // TRAINED_SAMPLE_BYTES)
+    workers = 0
+    if size_hint is not None and size_hint >= limits.parallel_min_bytes:
+        workers = parallel.auto_workers() if limits.workers is None else limits.workers
     validator = Validator(
-        limits=limits or Limits(), sample=sample, use_fast_path=use_fast_path, trained_stride=stride
+        limits=limits, sample=sample, use_fast_path=use_fast_path, trained_stride=stride, workers=workers
     )
     return validator.feed(fh)

@@ -46,9 +46,16 @@ class ValidationSettings(BaseSettings):
         1024 * 1024, ge=1, description="About this much text is tokenized per file; the rest is scaled."
     )
     dedupe_cap: int = Field(1_000_000, ge=0, description="Examples remembered for duplicate detection.")
+    workers: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="Worker processes for files of 32 MiB or more; unset: one per idle CPU (at most 8, "
+        "none when fewer than 2 are idle); 0: validate in the API process only.",
+    )
 
     def limits(self) -> Limits:
-        return Limits(dedupe_cap=self.dedupe_cap)
+        return Limits(dedupe_cap=self.dedupe_cap, workers=self.workers)
 
 
 def token_sample(

@@ -32,6 +32,16 @@ class RunStatus:
     interrupted: bool = False
 
 
+@dataclass(frozen=True)
+class RunRef:
+    """A run the executor found on its own (not asked about): whose attempt it claims to be."""
+
+    name: str  # run_name(job_id, attempt)
+    job_id: str
+    attempt: int
+    project_id: str
+
+
 class Executor(Protocol):
     max_concurrent: int
 
@@ -52,3 +62,16 @@ class BatchingExecutor(Executor, Protocol):
 
     def refresh(self) -> None: ...
     def release(self, name: str) -> None: ...
+
+
+class OrphanReapingExecutor(Executor, Protocol):
+    """Optional hooks for runs that outlive their record (the scheduler calls them when present).
+
+    - ``orphan_candidates(expected)``: runs the executor has, not yet released, whose name is not
+      in ``expected`` (the current attempts of the running jobs);
+    - ``reap_orphans(orphans)``: the scheduler has checked the candidates against the database
+      (run name -> why it is an orphan); the executor deletes those that stay orphans long enough.
+    """
+
+    def orphan_candidates(self, expected: set[str]) -> list[RunRef]: ...
+    def reap_orphans(self, orphans: dict[str, str]) -> list[str]: ...

@@ -12,6 +12,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,13 +31,25 @@ class LocalExecutor:
         # The trainer entrypoint; "--spec <path>" is appended.
         self.command = command or [sys.executable, "-m", "tuneforge_trainer"]
         self._children: dict[str, subprocess.Popen[bytes]] = {}
+        # Runs between "decided to start" and "pid recorded": running, not missing, for status().
+        self._starting: set[str] = set()
+        self._lock = threading.Lock()
 
     def _dir(self, name: str) -> Path:
         return self.runs_dir / name
 
     def submit(self, name: str, spec: JobSpec, env: dict[str, str]) -> None:
-        if self.status(name).state == RunState.running:
-            return
+        with self._lock:  # submit and reconcile run in threads: one start per run
+            if name in self._starting or self.status(name).state == RunState.running:
+                return
+            self._starting.add(name)
+        try:
+            self._start(name, spec, env)
+        finally:
+            with self._lock:
+                self._starting.discard(name)
+
+    def _start(self, name: str, spec: JobSpec, env: dict[str, str]) -> None:
         run = self._dir(name)
         run.mkdir(parents=True, exist_ok=True)
         for stale in ("exit_code", "pid", INTERRUPTED):
@@ -72,8 +85,15 @@ class LocalExecutor:
         if code is not None:
             return RunStatus(RunState.exited, code, interrupted=interrupted and code != 0)
         pid = _read_int(run / "pid")
+        if pid is None and name in self._starting:
+            return RunStatus(RunState.running)
         if pid is None:
-            return RunStatus(RunState.missing)
+            # A scheduler killed between starting the wrapper and recording its pid left it
+            # running unrecorded: adopt it, or a relaunch would run the attempt twice.
+            pid = _find_run_group(name)
+            if pid is None:
+                return RunStatus(RunState.missing)
+            _write_atomic(run / "pid", str(pid))
         if child is not None and child.returncode is None:
             return RunStatus(RunState.running)
         if child is None and _is_our_process(pid, name):
@@ -140,7 +160,27 @@ def _is_our_process(pid: int, name: str) -> bool:
     return name.encode() in cmdline
 
 
+def _find_run_group(name: str) -> int | None:
+    """The process group (the wrapper's pid) of a live process whose command line names the run."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if name.encode() not in (proc / "cmdline").read_bytes():
+                continue
+            stat = (proc / "stat").read_text().rsplit(")", 1)[-1].split()
+        except OSError:
+            continue
+        pgid = int(stat[2])
+        # Only a group whose leader (the wrapper, in its own session) names the run is ours.
+        if stat[0] != "Z" and pgid > 1 and _is_our_process(pgid, name):
+            return pgid
+    return None
+
+
 def _signal_group(pgid: int, sig: int) -> None:
+    if pgid <= 1:  # a damaged pid file: 0 is our own group, 1 would be every process
+        return
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):

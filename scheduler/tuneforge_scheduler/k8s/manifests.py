@@ -8,8 +8,9 @@ One attempt is:
 - a Secret of the same name holding the attempt's environment (the job token);
 - for several nodes, a headless Service of the same name, so pods reach rank 0 by DNS.
 
-The ConfigMap, Secret and Service are created after the Job and owned by it (ownerReferences),
-so Kubernetes deletes them with the Job.
+The Secret and ConfigMap are created before the Job (a pod must never start without them), then
+given to the Job through an ownerReference; the Service is created after it, owned from the start.
+Kubernetes deletes all three with the Job.
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ def build_job(
 
 
 def _labels(spec: JobSpec, settings: KubernetesSettings, name: str) -> dict[str, str]:
-    return run_labels(settings.release, spec.job_id, spec.attempt, name)
+    return run_labels(settings.release, spec.job_id, spec.attempt, name, spec.project_id)
 
 
 def _pod_spec(spec: JobSpec, settings: KubernetesSettings, *, name: str, models_dir: str | None) -> Manifest:

@@ -11,6 +11,9 @@ COMPONENT = "app.kubernetes.io/component"
 JOB_ID = "tuneforge.io/job-id"
 ATTEMPT = "tuneforge.io/attempt"
 RUN = "tuneforge.io/run"
+# The project of the job. Project ids are random, so a project known to this database proves a Job
+# was made by this installation: the orphan sweep never deletes a Job whose project it does not know.
+PROJECT = "tuneforge.io/project-id"
 # Set once the scheduler has recorded how the attempt ended; the per-pass list excludes it.
 RECORDED = "tuneforge.io/recorded"
 KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
@@ -51,14 +54,19 @@ def release_labels(release: str) -> dict[str, str]:
     return {MANAGED_BY: MANAGER, INSTANCE: release}
 
 
-def run_labels(release: str, job_id: str, attempt: int, name: str) -> dict[str, str]:
-    return {
+def run_labels(
+    release: str, job_id: str, attempt: int, name: str, project_id: str | None = None
+) -> dict[str, str]:
+    labels = {
         **release_labels(release),
         COMPONENT: "trainer",
         JOB_ID: label_value(job_id),
         ATTEMPT: str(attempt),
         RUN: name,
     }
+    if project_id is not None:
+        labels[PROJECT] = label_value(project_id)
+    return labels
 
 
 def active_selector(release: str) -> str:

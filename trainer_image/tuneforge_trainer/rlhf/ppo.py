@@ -9,7 +9,9 @@ One rollout step (InstructGPT §3.5; "The N Implementation Details of RLHF with 
 3. **Scoring** (no grad): log-probs of the policy and of the reference (temperature-scaled
    logits in both, as in sampling), values, and the reward model's score of the answer
    rendered as the RM saw answers in training (the chat template).
-4. **Rewards**: per-token −kl_coef·(log π − log π_ref), plus the score on the last token.
+4. **Rewards**: per-token −kl_coef·(log π − log π_ref), plus the score on the last token;
+   with ``score_norm`` the score is first standardised by the running mean and std
+   of every score so far. With ``kl_target``, kl_coef adapts after each rollout (Ziegler et al.).
 5. **GAE** (gamma, lam), returns = advantages + values, advantages whitened over the batch.
 6. **Updates**: ``ppo_epochs`` passes over the rollout in shuffled minibatches of
    ``batch_size``: clipped policy loss (policy adapter), clipped value loss × vf_coef (value
@@ -104,7 +106,16 @@ def response_values(shared: SharedBase, query, query_mask, responses, mask) -> t
 
 
 @torch.no_grad()
-def collect(shared: SharedBase, records: list[dict[str, Any]], hp: RlhfHyperparameters) -> Rollout:
+def collect(
+    shared: SharedBase,
+    records: list[dict[str, Any]],
+    hp: RlhfHyperparameters,
+    kl_coef: float | None = None,
+    moments: pm.RunningMoments | None = None,
+) -> Rollout:
+    """One generation phase, scored; ``kl_coef`` defaults to the spec's, ``moments`` (when given)
+    normalise the scores."""
+    kl_coef = hp.kl_coef if kl_coef is None else kl_coef
     tokenizer = shared.tokenizer
     query, query_mask = encode_prompts(tokenizer, [r["prompt"] for r in records])
     with shared.role("policy"):
@@ -137,7 +148,8 @@ def collect(shared: SharedBase, records: list[dict[str, Any]], hp: RlhfHyperpara
     texts = [render_for_reward(tokenizer, rec["prompt"], a) for rec, a in zip(records, answers, strict=True)]
     raw_scores = last_token_scores(shared, *encode_right_padded(tokenizer, texts))
     scores = pm.penalize_missing_eos(raw_scores, has_eos, hp.missing_eos_penalty)
-    rewards, kl = pm.kl_shaped_rewards(scores, logprobs, ref_logprobs, mask.float(), hp.kl_coef)
+    shaped = moments.normalise(scores) if moments is not None else scores
+    rewards, kl = pm.kl_shaped_rewards(shaped, logprobs, ref_logprobs, mask.float(), kl_coef)
     advantages, returns = pm.gae(rewards, values, mask.float(), hp.gamma, hp.lam)
     advantages = pm.whiten(advantages, mask.float())
     shared.use("policy")
@@ -145,7 +157,8 @@ def collect(shared: SharedBase, records: list[dict[str, Any]], hp: RlhfHyperpara
         "reward_mean": float(scores.mean()),
         "score_mean": float(raw_scores.mean()),
         "kl": float(kl.sum(-1).mean()),
-        "non_score_reward": float((-hp.kl_coef * kl).sum(-1).mean()),
+        "non_score_reward": float((-kl_coef * kl).sum(-1).mean()),
+        "kl_coef": kl_coef,
         "entropy": float(entropy),
         "response_length": float(mask.sum(-1).float().mean()),
         "eos_fraction": float(has_eos.float().mean()),
@@ -217,7 +230,8 @@ def train_ppo(ctx: RunContext, data: PromptData, shared: SharedBase) -> dict[str
     groups = shared.trainable()
     params = groups["policy"] + groups["value"]
     optimizer = torch.optim.Adam(params, lr=lr, eps=ADAM_EPS)
-    start_step = _resume(ctx, shared, optimizer)
+    control = Control(hp.kl_coef, pm.RunningMoments() if hp.score_norm else None)
+    start_step = _resume(ctx, shared, optimizer, control)
     generator = torch.Generator().manual_seed(spec.seed)
     print(
         f"[tuneforge-trainer] training: PPO on {len(data)} prompts, {total} rollouts of {rollout_size}, "
@@ -236,8 +250,12 @@ def train_ppo(ctx: RunContext, data: PromptData, shared: SharedBase) -> dict[str
         batch = [data.records[i] for i in order[index * rollout_size : (index + 1) * rollout_size]]
         torch.manual_seed(spec.seed * 100_003 + step)  # a resumed run samples what the first would have
         generator.manual_seed(spec.seed * 100_003 + step)
-        rollout = collect(shared, batch, hp)
+        rollout = collect(shared, batch, hp, control.kl_coef, control.moments)
         losses = update(shared, optimizer, params, rollout, hp, minibatch, generator)
+        if hp.kl_target is not None:
+            control.kl_coef = pm.adaptive_kl_coef(
+                control.kl_coef, rollout.stats["kl"], hp.kl_target, len(batch), hp.kl_horizon
+            )
         tokens += int(rollout.mask.sum()) + int(rollout.query_mask.sum())
         stats = {"step": step, "total_steps": total, **rollout.stats, **losses}
         stats["train_loss"] = losses["policy_loss"] + hp.vf_coef * losses["value_loss"]
@@ -246,7 +264,7 @@ def train_ppo(ctx: RunContext, data: PromptData, shared: SharedBase) -> dict[str
         # Every checkpoint_every rollouts (the last one is the published adapter); no epoch-end extra.
         every = hp.checkpoint_every
         if ctx.storage is not None and every and step % every == 0 and step < total:
-            _checkpoint(ctx, shared, optimizer, step, stats)
+            _checkpoint(ctx, shared, optimizer, step, stats, control)
     save_policy(shared, ctx.adapter_dir, base_model=spec.base_model)
     last = history[-1] if history else {}
     return {
@@ -296,8 +314,30 @@ def save_policy(shared: SharedBase, adapter_dir: Path, *, base_model: str) -> No
     shared.tokenizer.save_pretrained(str(adapter_dir))
 
 
+@dataclass
+class Control:
+    """What PPO carries from one rollout to the next besides weights: the (adaptive) KL
+    coefficient and the score moments. Checkpoints save it, so a resumed run continues alike."""
+
+    kl_coef: float
+    moments: pm.RunningMoments | None
+
+    def state(self) -> dict[str, Any]:
+        return {"kl_coef": self.kl_coef, "score_moments": self.moments.state() if self.moments else None}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.kl_coef = float(state.get("kl_coef", self.kl_coef))
+        if self.moments is not None and state.get("score_moments"):
+            self.moments = pm.RunningMoments(**state["score_moments"])
+
+
 def _checkpoint(
-    ctx: RunContext, shared: SharedBase, optimizer: Any, step: int, stats: dict[str, Any]
+    ctx: RunContext,
+    shared: SharedBase,
+    optimizer: Any,
+    step: int,
+    stats: dict[str, Any],
+    control: Control,
 ) -> None:
     """Policy adapter at the top (from_checkpoint reads ``adapter_*``), value adapter + head, optimizer."""
     from safetensors.torch import save_file
@@ -314,7 +354,7 @@ def _checkpoint(
         folder / "value_head.safetensors",
     )
     torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-    (folder / "ppo_state.json").write_text(json.dumps({"step": step}))
+    (folder / "ppo_state.json").write_text(json.dumps({"step": step, **control.state()}))
     assert ctx.storage is not None
     metrics = {k: v for k, v in stats.items() if isinstance(v, int | float)}
     upload_checkpoint(ctx.storage, ctx.spec, folder, step=step, metrics=metrics)
@@ -324,7 +364,7 @@ def _checkpoint(
         ctx.reporter.metrics(f"checkpoint saved at step {step}", {"checkpoint": {"step": step}, "step": step})
 
 
-def _resume(ctx: RunContext, shared: SharedBase, optimizer: Any) -> int:
+def _resume(ctx: RunContext, shared: SharedBase, optimizer: Any, control: Control) -> int:
     """Load a PPO checkpoint of this job (a retried attempt); the step to continue after, or 0."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -342,4 +382,6 @@ def _resume(ctx: RunContext, shared: SharedBase, optimizer: Any) -> int:
             named[name].copy_(tensor)
     shared.value_head.load_state_dict(load_file(folder / "value_head.safetensors"))
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    return int(json.loads((folder / "ppo_state.json").read_text())["step"])
+    state = json.loads((folder / "ppo_state.json").read_text())
+    control.load(state)
+    return int(state["step"])

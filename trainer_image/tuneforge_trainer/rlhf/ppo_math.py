@@ -133,3 +133,40 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+class RunningMoments:
+    """Running mean and variance of every score seen so far (Chan et al.'s parallel update), for
+    reward normalisation: scores go into GAE as ``(s − mean) / std``, so the value function and
+    the KL penalty see one scale whatever the reward model's, and a drifting mean does not
+    masquerade as advantage. The state is three floats, saved in PPO checkpoints."""
+
+    def __init__(self, count: float = 0.0, mean: float = 0.0, var: float = 1.0) -> None:
+        self.count, self.mean, self.var = count, mean, var
+
+    def update(self, x: torch.Tensor) -> None:
+        n = float(x.numel())
+        batch_mean = float(x.mean())
+        batch_var = float(x.var(unbiased=False)) if n > 1 else 0.0
+        total = self.count + n
+        delta = batch_mean - self.mean
+        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
+        self.count, self.mean, self.var = total, self.mean + delta * n / total, m2 / total
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Update with ``x``, then return it standardised by the moments so far."""
+        self.update(x)
+        return (x - self.mean) / (self.var**0.5 + 1e-8)
+
+    def state(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "var": self.var}
+
+
+def adaptive_kl_coef(coef: float, kl: float, target: float, n_steps: int, horizon: int) -> float:
+    """Ziegler et al. (2019), §2.2: β ← β·(1 + K_β·e), e = clip(KL/target − 1, −0.2, 0.2), K_β = n/horizon.
+
+    ``kl`` is this batch's mean KL per answer and ``n_steps`` the answers in it; the clip keeps one
+    batch from moving β by more than 20%·n/horizon.
+    """
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return coef * (1.0 + error * n_steps / horizon)
