@@ -117,6 +117,15 @@ def test_api_has_http_probes_and_no_kubernetes_token(rendered: tuple[str, list[d
         assert pod["containers"][0]["securityContext"]["allowPrivilegeEscalation"] is False
 
 
+def test_console_secret_is_shared_by_every_api_replica_by_reference() -> None:
+    """Console sessions are signed with TUNEFORGE_UI_SECRET: replicas must share it, from a Secret."""
+    api = by_kind(render(values_of("kueue-values")), "Deployment", "-api")["spec"]["template"]["spec"]
+    [env] = [e for e in api["containers"][0]["env"] if e["name"] == "TUNEFORGE_UI_SECRET"]
+    assert env["valueFrom"]["secretKeyRef"] == {"name": "tuneforge-console", "key": "ui-secret"}
+    defaults = by_kind(render(), "Deployment", "-api")["spec"]["template"]["spec"]
+    assert "TUNEFORGE_UI_SECRET" not in {e["name"] for e in defaults["containers"][0]["env"]}
+
+
 def test_config_has_no_secrets_and_the_scheduler_can_read_it(
     rendered: tuple[str, list[dict[str, Any]]], monkeypatch: pytest.MonkeyPatch
 ) -> None:

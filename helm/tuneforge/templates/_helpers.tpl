@@ -52,6 +52,13 @@ http://{{ include "tuneforge.fullname" . }}-api.{{ .Release.Namespace }}.svc:{{ 
       name: {{ .Values.apiKey.existingSecret }}
       key: api-key
 {{- end }}
+{{- if .Values.console.existingSecret }}
+- name: TUNEFORGE_UI_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.console.existingSecret }}
+      key: ui-secret
+{{- end }}
 {{- end -}}
 
 {{- define "tuneforge.volumes" -}}
