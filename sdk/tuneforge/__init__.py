@@ -23,6 +23,7 @@ from tuneforge.errors import (
 from tuneforge.types import (
     Checkpoint,
     Event,
+    FeedbackSession,
     FileObject,
     Hyperparameters,
     Job,
@@ -33,8 +34,11 @@ from tuneforge.types import (
     Method,
     MethodType,
     Model,
+    NextItem,
     Page,
     Resources,
+    Webhook,
+    WebhookDelivery,
 )
 
 __version__ = "0.1.0"
@@ -52,6 +56,7 @@ __all__ = [
     "Client",
     "ConflictError",
     "Event",
+    "FeedbackSession",
     "FileObject",
     "Hyperparameters",
     "InternalServerError",
@@ -64,6 +69,7 @@ __all__ = [
     "Method",
     "MethodType",
     "Model",
+    "NextItem",
     "NotFoundError",
     "Page",
     "PayloadTooLargeError",
@@ -72,4 +78,6 @@ __all__ = [
     "Resources",
     "TuneforgeError",
     "UnprocessableEntityError",
+    "Webhook",
+    "WebhookDelivery",
 ]

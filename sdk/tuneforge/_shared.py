@@ -34,6 +34,8 @@ from tuneforge.types import (
     Model,
     Page,
     Project,
+    Webhook,
+    WebhookDelivery,
 )
 
 RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
@@ -171,6 +173,35 @@ class Calls:
     def create_key(project_id: str, *, name: str, role: str) -> Call:
         body = {"name": name, "role": role}
         return Call("POST", f"/v1/admin/projects/{project_id}/api_keys", ApiKey.model_validate, json=body)
+
+    @staticmethod
+    def revoke_key(project_id: str, key_id: str) -> Call:
+        path = f"/v1/admin/projects/{project_id}/api_keys/{key_id}"
+        return Call("DELETE", path, lambda raw: bool(raw.get("deleted")))
+
+
+class WebhookCalls:
+    """The /v1/webhooks endpoints, as ``Call``s (shared by both clients)."""
+
+    @staticmethod
+    def create(url: str, events: list[str] | None) -> Call:
+        body: dict[str, Any] = {"url": url}
+        if events is not None:  # left out: every job event
+            body["events"] = list(events)
+        return Call("POST", "/v1/webhooks", Webhook.model_validate, json=body)
+
+    @staticmethod
+    def list() -> Call:
+        return Call("GET", "/v1/webhooks", lambda raw: [Webhook.model_validate(w) for w in raw["data"]])
+
+    @staticmethod
+    def delete(webhook_id: str) -> Call:
+        return Call("DELETE", f"/v1/webhooks/{webhook_id}", lambda raw: bool(raw.get("deleted")))
+
+    @staticmethod
+    def deliveries(webhook_id: str) -> Call:
+        parse = lambda raw: [WebhookDelivery.model_validate(d) for d in raw["data"]]  # noqa: E731
+        return Call("GET", f"/v1/webhooks/{webhook_id}/deliveries", parse)
 
 
 def sse_messages(lines: Iterable[str]) -> Iterator[tuple[str, str, str]]:

@@ -23,6 +23,9 @@ from tuneforge._shared import (
     Call,
     Calls,
     SseParser,
+    Webhook,
+    WebhookCalls,
+    WebhookDelivery,
     adapter_urls_call,
     bundle_path,
     check_digest,
@@ -76,6 +79,7 @@ class AsyncClient:
         self.models = AsyncModels(self)
         self.admin = AsyncAdmin(self)
         self.feedback = AsyncFeedback(self)
+        self.webhooks = AsyncWebhooks(self)
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -379,6 +383,28 @@ class AsyncAdmin:
 
     async def create_key(self, project_id: str, *, name: str = "default", role: str = "member") -> ApiKey:
         return await self._c.call(Calls.create_key(project_id, name=name, role=role))
+
+    async def revoke_key(self, project_id: str, key_id: str) -> bool:
+        return await self._c.call(Calls.revoke_key(project_id, key_id))
+
+
+class AsyncWebhooks:
+    """See ``Webhooks``."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._c = client
+
+    async def create(self, url: str, *, events: list[str] | None = None) -> Webhook:
+        return await self._c.call(WebhookCalls.create(url, events))
+
+    async def list(self) -> list[Webhook]:
+        return await self._c.call(WebhookCalls.list())
+
+    async def delete(self, webhook_id: str) -> bool:
+        return await self._c.call(WebhookCalls.delete(webhook_id))
+
+    async def deliveries(self, webhook_id: str) -> list[WebhookDelivery]:
+        return await self._c.call(WebhookCalls.deliveries(webhook_id))
 
 
 class AsyncFeedback:

@@ -12,9 +12,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from tuneforge.client import Client
+from tuneforge._shared import job_body
+from tuneforge.client import Client, FeedbackCalls
 from tuneforge.errors import TuneforgeError
-from tuneforge.types import Job, MethodType
+from tuneforge.types import FeedbackSession, Job, MethodType
 
 EXIT_OK, EXIT_API_ERROR, EXIT_USAGE, EXIT_JOB_UNSUCCESSFUL = 0, 1, 2, 3
 
@@ -27,6 +28,9 @@ COLUMNS = {
     "Model": ("id", "owned_by"),
     "Project": ("id", "name", "created_at"),
     "ApiKey": ("id", "project_id", "name", "role", "key"),
+    "Webhook": ("id", "url", "events", "created_at"),
+    "WebhookDelivery": ("id", "event_type", "status", "attempts", "last_status_code", "created_at"),
+    "FeedbackSession": ("id", "model", "status", "k", "labels_per_item", "job_id", "created_at"),
 }
 
 
@@ -159,10 +163,11 @@ def _cmd(
         result = fn(args, client)
         if result is not None:
             _print(result, args.json)
-        # A script that waited on a job learns its outcome from the exit code alone.
+        # A script that waited on a job (or a feedback session) learns its outcome from the exit code.
         waited = waits or getattr(args, "wait", False)
-        if waited and isinstance(result, Job) and result.status.value in ("failed", "cancelled"):
-            return EXIT_JOB_UNSUCCESSFUL
+        if waited and isinstance(result, Job | FeedbackSession):
+            if getattr(result.status, "value", result.status) in ("failed", "cancelled"):
+                return EXIT_JOB_UNSUCCESSFUL
         return EXIT_OK
 
     return run
@@ -173,20 +178,61 @@ def _upload(args: argparse.Namespace, c: Client) -> Any:
         return c.files.upload(args.path, purpose=args.purpose, on_progress=cb)
 
 
+def _job_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """``create_job``'s keyword arguments from the flags that ``_add_job_flags`` declares."""
+    return {
+        "model": args.model,
+        "training_file": args.training_file,
+        "method": args.method,
+        "hyperparameters": json.loads(args.hyperparameters) if args.hyperparameters else None,
+        "validation_file": args.validation_file,
+        "suffix": args.suffix,
+        "seed": args.seed,
+        **(json.loads(args.extra) if args.extra else {}),
+    }
+
+
 def _create_job(args: argparse.Namespace, c: Client) -> Any:
-    hp = json.loads(args.hyperparameters) if args.hyperparameters else None
-    extra = json.loads(args.extra) if args.extra else {}
-    job = c.create_job(
-        model=args.model,
-        training_file=args.training_file,
-        method=args.method,
-        hyperparameters=hp,
-        validation_file=args.validation_file,
-        suffix=args.suffix,
-        seed=args.seed,
-        **extra,
-    )
+    job = c.create_job(**_job_fields(args))
     return _follow(c, job.id) if args.wait else job
+
+
+def _validate_job(args: argparse.Namespace, c: Client) -> Any:
+    f = _job_fields(args)
+    return c.jobs.validate(
+        job_body(f.pop("model"), f.pop("training_file"), f.pop("method"), f.pop("hyperparameters"), f)
+    )
+
+
+def _shown_once(obj: Any, what: str) -> Any:
+    print(f"note: the {what} is shown this once; keep it now.", file=sys.stderr)
+    return obj
+
+
+def _create_session(args: argparse.Namespace, c: Client) -> Any:
+    knobs = ("temperature", "top_p", "max_new_tokens", "seed")
+    sampling = {k: getattr(args, k) for k in knobs if getattr(args, k) is not None}
+    session = c.feedback.create_session(
+        model=args.model,
+        prompts_file=args.prompts_file,
+        k=args.k,
+        labels_per_item=args.labels_per_item,
+        **({"sampling": sampling} if sampling else {}),
+    )
+    return c.feedback.wait_until_ready(session.id, timeout=args.timeout) if args.wait else session
+
+
+def _add_job_flags(j: argparse.ArgumentParser) -> None:
+    j.add_argument("--model", required=True)
+    j.add_argument("--training-file", required=True)
+    j.add_argument("--validation-file")
+    # Sample jobs belong to feedback sessions; they are not created by hand.
+    trainable = [m.value for m in MethodType if m is not MethodType.sample]
+    j.add_argument("--method", default="supervised", choices=trainable)
+    j.add_argument("--hyperparameters", help="JSON, e.g. '{\"n_epochs\": 2}'")
+    j.add_argument("--suffix")
+    j.add_argument("--seed", type=int)
+    j.add_argument("--extra", help="JSON of further fields: lora, quantization, resources")
 
 
 def _download(args: argparse.Namespace, c: Client) -> Any:
@@ -199,8 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tuneforge",
         description="Tuneforge: self-hosted fine-tuning.",
-        epilog="exit codes: 0 ok; 1 the API refused or failed; 2 bad input; 3 the waited-for job failed or "
-        "was cancelled",
+        epilog="exit codes: 0 ok; 1 the API refused or failed; 2 bad input; 3 the waited-for job (or "
+        "feedback session) failed or was cancelled",
     )
     p.add_argument("--base-url", help="default: $TUNEFORGE_BASE_URL or http://127.0.0.1:8000")
     p.add_argument("--api-key", help="default: $TUNEFORGE_API_KEY")
@@ -228,19 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     jobs = sub.add_parser("jobs", help="fine-tuning jobs").add_subparsers(dest="verb", required=True)
     j = jobs.add_parser("create")
-    j.add_argument("--model", required=True)
-    j.add_argument("--training-file", required=True)
-    j.add_argument("--validation-file")
-    # Sample jobs belong to feedback sessions; they are not created by hand.
-    trainable = [m.value for m in MethodType if m is not MethodType.sample]
-    j.add_argument("--method", default="supervised", choices=trainable)
-    j.add_argument("--hyperparameters", help="JSON, e.g. '{\"n_epochs\": 2}'")
-    j.add_argument("--suffix")
-    j.add_argument("--seed", type=int)
-    j.add_argument("--extra", help="JSON of further fields: lora, quantization, resources")
+    _add_job_flags(j)
     j.add_argument("--wait", action="store_true", help="follow the job until it ends")
     j.add_argument("--timeout", type=float, default=24 * 3600)
     j.set_defaults(run=_cmd(_create_job))
+    jv = jobs.add_parser("validate", help="a dry run of create: file reports, tokens, estimated time")
+    _add_job_flags(jv)
+    jv.set_defaults(run=_cmd(_validate_job))
     jobs.add_parser("list").set_defaults(run=_cmd(lambda a, c: c.jobs.list_all()))
     for verb, fn in (
         ("get", lambda a, c: c.jobs.get(a.job_id)),
@@ -274,6 +314,62 @@ def build_parser() -> argparse.ArgumentParser:
     kc.add_argument("--name", default="default")
     kc.add_argument("--role", choices=["member", "admin"], default="member")
     kc.set_defaults(run=_cmd(lambda a, c: c.admin.create_key(a.project_id, name=a.name, role=a.role)))
+    kr = keys.add_parser("revoke")
+    kr.add_argument("project_id")
+    kr.add_argument("key_id")
+    kr.set_defaults(run=_cmd(lambda a, c: {"deleted": c.admin.revoke_key(a.project_id, a.key_id)}))
+
+    hooks = sub.add_parser("webhooks", help="signed job-event callbacks").add_subparsers(
+        dest="verb", required=True
+    )
+    wc = hooks.add_parser("create")
+    wc.add_argument("url")
+    wc.add_argument("--events", nargs="+", help="default: every job event")
+    wc.set_defaults(
+        run=_cmd(lambda a, c: _shown_once(c.webhooks.create(a.url, events=a.events), "signing secret"))
+    )
+    hooks.add_parser("list").set_defaults(run=_cmd(lambda a, c: c.webhooks.list()))
+    for verb, fn in (
+        ("delete", lambda a, c: {"deleted": c.webhooks.delete(a.webhook_id)}),
+        ("deliveries", lambda a, c: c.webhooks.deliveries(a.webhook_id)),
+    ):
+        v = hooks.add_parser(verb)
+        v.add_argument("webhook_id")
+        v.set_defaults(run=_cmd(fn))
+
+    feedback = sub.add_parser("feedback", help="human-feedback sessions").add_subparsers(
+        dest="verb", required=True
+    )
+    fc = feedback.add_parser("create", help="sample K answers per prompt for people to rank")
+    fc.add_argument("--model", required=True)
+    fc.add_argument("--prompts-file", required=True, help="id of an uploaded file of prompts")
+    fc.add_argument("--k", type=int, required=True, help="answers per prompt")
+    fc.add_argument("--labels-per-item", type=int, default=1)
+    fc.add_argument("--temperature", type=float)
+    fc.add_argument("--top-p", type=float)
+    fc.add_argument("--max-new-tokens", type=int)
+    fc.add_argument("--seed", type=int)
+    fc.add_argument("--wait", action="store_true", help="wait until the answers are generated")
+    fc.add_argument("--timeout", type=float, default=3600)
+    fc.set_defaults(run=_cmd(_create_session))
+    feedback.add_parser("list").set_defaults(
+        run=_cmd(
+            lambda a, c: list(c.pages(lambda after: FeedbackCalls.list_sessions(limit=100, after=after)))
+        )
+    )
+    for verb, fn in (
+        ("get", lambda a, c: c.feedback.get_session(a.session_id)),
+        ("cancel", lambda a, c: c.feedback.cancel_session(a.session_id)),
+        ("export", lambda a, c: c.feedback.export(a.session_id, min_labels=a.min_labels)),
+    ):
+        v = feedback.add_parser(verb)
+        v.add_argument("session_id")
+        if verb == "export":
+            v.add_argument("--min-labels", type=int, default=1, help="items with fewer labels are left out")
+        v.set_defaults(run=_cmd(fn))
+    fk = feedback.add_parser("labeler-key", help="a key that can only rank answers")
+    fk.add_argument("name")
+    fk.set_defaults(run=_cmd(lambda a, c: _shown_once(c.feedback.create_labeler_key(a.name), "key")))
     return p
 
 

@@ -1,4 +1,5 @@
-"""The synchronous client: ``Client(...).files / .jobs / .adapters / .models / .admin``.
+"""The synchronous client: ``Client(...).files / .jobs / .adapters / .models / .admin / .feedback
+/ .webhooks``.
 ``AsyncClient`` (async_client.py) has the same surface."""
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from tuneforge._shared import (
     Call,
     Calls,
     SseParser,
+    Webhook,
+    WebhookCalls,
+    WebhookDelivery,
     adapter_urls_call,
     bundle_path,
     check_digest,
@@ -91,6 +95,7 @@ class Client:
         self.models = Models(self)
         self.admin = Admin(self)
         self.feedback = Feedback(self)
+        self.webhooks = Webhooks(self)
 
     def close(self) -> None:
         self._http.close()
@@ -441,6 +446,32 @@ class Admin:
 
     def create_key(self, project_id: str, *, name: str = "default", role: str = "member") -> ApiKey:
         return self._c.call(Calls.create_key(project_id, name=name, role=role))
+
+    def revoke_key(self, project_id: str, key_id: str) -> bool:
+        """Revoke a key (one whose secret was lost, say); NotFoundError if the project has no such key."""
+        return self._c.call(Calls.revoke_key(project_id, key_id))
+
+
+class Webhooks:
+    """The project's webhook endpoints; each job event is POSTed, signed, to their URLs."""
+
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def create(self, url: str, *, events: list[str] | None = None) -> Webhook:
+        """``events`` defaults to every job event. The answer's ``secret`` signs the deliveries;
+        it is shown this once, so keep it."""
+        return self._c.call(WebhookCalls.create(url, events))
+
+    def list(self) -> list[Webhook]:
+        return self._c.call(WebhookCalls.list())
+
+    def delete(self, webhook_id: str) -> bool:
+        return self._c.call(WebhookCalls.delete(webhook_id))
+
+    def deliveries(self, webhook_id: str) -> list[WebhookDelivery]:
+        """The webhook's recent deliveries, newest first."""
+        return self._c.call(WebhookCalls.deliveries(webhook_id))
 
 
 class FeedbackCalls:

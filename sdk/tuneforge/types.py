@@ -605,3 +605,30 @@ class SampleRecord(_Request):
     index: int = Field(ge=0, description="0-based line of the prompt in the prompts file.")
     prompt: str | list[dict[str, Any]]
     answers: list[str]
+
+
+class Webhook(_Response):
+    """A project's endpoint for job events. ``secret`` (for checking signatures) is returned
+    once, by ``create``; lists leave it out."""
+
+    id: str
+    object: str = "webhook_endpoint"
+    url: str
+    events: list[str]
+    created_at: int
+    secret: str | None = None
+
+
+class WebhookDelivery(_Response):
+    """One event sent (or being retried) to a webhook."""
+
+    id: str
+    object: str = "webhook_delivery"
+    event_type: str
+    status: str
+    attempts: int
+    last_status_code: int | None = None
+    last_error: str | None = None
+    created_at: int
+    delivered_at: int | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
