@@ -233,31 +233,65 @@ async def create_job(session: AsyncSession, services: Services, principal: Princ
     resolved = (
         hyperparams.resolve(hp, training.n_examples, method.type) if training.status == "processed" else hp
     )
-    ts = now()
-    values = dict(
-        id=new_id("ftjob"),
-        project_id=principal.project_id,
-        created_at=ts,
-        updated_at=ts,
+    values = _new_job_row(
+        services,
+        principal,
         model=body.model,
-        status=JobStatus.validating_files.value,
         training_file=body.training_file,
         validation_file=body.validation_file,
-        method=method.with_hyperparameters(resolved).model_dump(mode="json", exclude_none=True),
-        lora=body.lora.model_dump(mode="json"),
+        method=method.with_hyperparameters(resolved),
+        lora=body.lora,
         quantization=body.quantization,
-        resources=body.resources.model_dump(mode="json"),
+        resources=body.resources,
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
         suffix=body.suffix,
-        metadata_=body.metadata,
-        attempt=0,
-        max_attempts=services.settings.max_attempts,
-        cancel_requested=False,
+        metadata=body.metadata,
         init_adapter_key=init_adapter_key,
     )
     job = await jobs.insert(session, values)
     await jobs.add_event(session, job.id, f"Created fine-tuning job {job.id}")
     return job
+
+
+def _new_job_row(
+    services: Services,
+    principal: Principal,
+    *,
+    model: str,
+    training_file: str,
+    validation_file: str | None,
+    method: Method,
+    lora: LoraConfigSpec,
+    quantization: str | None,
+    resources: Resources,
+    seed: int,
+    suffix: str | None,
+    metadata: dict[str, str] | None,
+    init_adapter_key: str | None,
+) -> dict[str, Any]:
+    """The row of a job that has just been created: waiting for its files, attempt 0."""
+    ts = now()
+    return dict(
+        id=new_id("ftjob"),
+        project_id=principal.project_id,
+        created_at=ts,
+        updated_at=ts,
+        model=model,
+        status=JobStatus.validating_files.value,
+        training_file=training_file,
+        validation_file=validation_file,
+        method=method.model_dump(mode="json", exclude_none=True),
+        lora=lora.model_dump(mode="json"),
+        quantization=quantization,
+        resources=resources.model_dump(mode="json"),
+        seed=seed,
+        suffix=suffix,
+        metadata_=metadata,
+        attempt=0,
+        max_attempts=services.settings.max_attempts,
+        cancel_requested=False,
+        init_adapter_key=init_adapter_key,
+    )
 
 
 async def create_sample_job(
@@ -289,26 +323,19 @@ async def create_sample_job(
                 400, "invalid_model", "A reward model scores answers; it cannot write them.", param="model"
             )
     await quotas.check_active_jobs(session, services.settings, principal.project_id)
-    ts = now()
-    values = dict(
-        id=new_id("ftjob"),
-        project_id=principal.project_id,
-        created_at=ts,
-        updated_at=ts,
+    values = _new_job_row(
+        services,
+        principal,
         model=model,
-        status=JobStatus.validating_files.value,
         training_file=prompts_file,
         validation_file=None,
-        method=method.model_dump(mode="json", exclude_none=True),
-        lora=LoraConfigSpec().model_dump(mode="json"),
+        method=method,
+        lora=LoraConfigSpec(),
         quantization=None,
-        resources=resources.model_dump(mode="json"),
+        resources=resources,
         seed=seed,
         suffix=None,
-        metadata_=None,
-        attempt=0,
-        max_attempts=services.settings.max_attempts,
-        cancel_requested=False,
+        metadata=None,
         init_adapter_key=init_adapter_key,
     )
     job = await jobs.insert(session, values)

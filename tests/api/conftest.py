@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvicorn
@@ -69,21 +70,26 @@ class Harness:
         return r.json()
 
 
-@pytest.fixture
-def api(tmp_path: Path, database_url: str, redis_url: str) -> Iterator[Harness]:
-    settings = Settings(
+def harness(tmp_path: Path, redis_url: str, **settings: Any) -> Iterator[Harness]:
+    """The app on its own home, queue and admin key, plus ``settings``; the queue is dropped
+    afterwards."""
+    resolved = Settings(
         home=tmp_path / "home",
-        database_url=database_url,
         redis_url=redis_url,
         queue_name=f"tf-test:{uuid.uuid4().hex}",
         api_key=ADMIN_KEY,
-        max_upload_bytes=UPLOAD_LIMIT,
+        **settings,
     )
-    app = create_app(settings)
+    app = create_app(resolved)
     with TestClient(app) as http:
         http.portal.call(ensure_default_project, app.state.services)
-        yield Harness(app, http, settings)
-    drop_queue(redis_url, settings.resolved_queue_name)
+        yield Harness(app, http, resolved)
+    drop_queue(redis_url, resolved.resolved_queue_name)
+
+
+@pytest.fixture
+def api(tmp_path: Path, database_url: str, redis_url: str) -> Iterator[Harness]:
+    yield from harness(tmp_path, redis_url, database_url=database_url, max_upload_bytes=UPLOAD_LIMIT)
 
 
 @pytest.fixture

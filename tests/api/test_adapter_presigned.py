@@ -9,23 +9,19 @@ import hashlib
 import json
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import uvicorn
-from fastapi.testclient import TestClient
 
-from tests.api.conftest import Harness, auth
-from tests.conftest import ADMIN_KEY, drop_queue, free_port
+from tests.api.conftest import Harness, auth, harness
+from tests.conftest import ADMIN_KEY, free_port
 from tuneforge import AdapterIntegrityError, AsyncClient, Client
 from tuneforge.storage import MANIFEST, adapter_prefix
 from tuneforge.types import JobStatus
 from tuneforge_api.app import create_app
-from tuneforge_api.bootstrap import ensure_default_project
-from tuneforge_api.settings import Settings
 from tuneforge_api.store import jobs
 
 TINY = "tuneforge/tiny-llama"
@@ -33,19 +29,7 @@ FILES = {"adapter_model.safetensors": b"\x00weights" * 1000, "adapter_config.jso
 
 
 def s3_harness(tmp_path: Path, redis_url: str, bucket: str, *, presign: bool) -> Iterator[Harness]:
-    settings = Settings(
-        home=tmp_path / "home",
-        storage_uri=f"s3://{bucket}/tf",
-        redis_url=redis_url,
-        queue_name=f"tf-test:{uuid.uuid4().hex}",
-        api_key=ADMIN_KEY,
-        presign=presign,
-    )
-    app = create_app(settings)
-    with TestClient(app) as http:
-        http.portal.call(ensure_default_project, app.state.services)
-        yield Harness(app, http, settings)
-    drop_queue(redis_url, settings.resolved_queue_name)
+    yield from harness(tmp_path, redis_url, storage_uri=f"s3://{bucket}/tf", presign=presign)
 
 
 @pytest.fixture

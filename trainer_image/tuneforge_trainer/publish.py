@@ -48,12 +48,8 @@ def _chat_template(folder: Path) -> str:
     return ""
 
 
-def build_manifest(spec: JobSpec, adapter_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
-    files = {
-        p.relative_to(adapter_dir).as_posix(): sha256_file(p)
-        for p in sorted(adapter_dir.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
+def manifest_header(spec: JobSpec) -> dict[str, Any]:
+    """The fields every published manifest (adapter or samples) starts with."""
     return {
         "manifest_version": MANIFEST_VERSION,
         "job_id": spec.job_id,
@@ -62,6 +58,17 @@ def build_manifest(spec: JobSpec, adapter_dir: Path, metrics: dict[str, Any]) ->
         "created_at": int(time.time()),
         "method": spec.method.type.value,
         "base_model": spec.base_model,
+    }
+
+
+def build_manifest(spec: JobSpec, adapter_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    files = {
+        p.relative_to(adapter_dir).as_posix(): sha256_file(p)
+        for p in sorted(adapter_dir.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    return {
+        **manifest_header(spec),
         "quantization": spec.quantization,
         "adapter": adapter_kind(spec),  # "full": a model folder (config.json, model.safetensors)
         "lora": spec.lora.model_dump(mode="json") if adapter_kind(spec) == "lora" else None,

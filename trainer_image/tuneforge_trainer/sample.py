@@ -24,13 +24,12 @@ from tuneforge.storage import MANIFEST, Storage
 from tuneforge.types import SampleRecord
 from tuneforge_trainer.config_mapping import compute_dtype
 from tuneforge_trainer.errors import ConfigError
-from tuneforge_trainer.publish import sha256_file
+from tuneforge_trainer.publish import manifest_header, sha256_file
 from tuneforge_trainer.rlhf.prompts import PromptData
 from tuneforge_trainer.training import RunContext
 
 SAMPLES_FILE = "samples.jsonl"
 PROGRESS_EVERY_S = 2.0
-MANIFEST_VERSION = 1
 
 
 def load_generator(ctx: RunContext, *, chat: bool) -> tuple[Any, Any]:
@@ -143,13 +142,7 @@ def publish_samples(
     spec = ctx.spec
     prefix = spec.samples_prefix or ""
     manifest = {
-        "manifest_version": MANIFEST_VERSION,
-        "job_id": spec.job_id,
-        "project_id": spec.project_id,
-        "attempt": spec.attempt,
-        "created_at": int(time.time()),
-        "method": spec.method.type.value,
-        "base_model": spec.base_model,
+        **manifest_header(spec),
         "k": spec.method.sample.k if spec.method.sample else None,
         "files": {SAMPLES_FILE: sha256_file(samples)},
         "metrics": metrics,
