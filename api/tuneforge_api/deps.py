@@ -50,13 +50,16 @@ def bearer_token(request: Request) -> str:
 async def get_principal(request: Request, services: ServicesDep) -> Principal:
     if "authorization" not in request.headers and request.cookies.get(ui_session.COOKIE):
         # The web console's session cookie stands in for a Bearer key; unsafe methods must carry
-        # its CSRF token (ui/session.py). Labeler keys get the same gate as below.
+        # its CSRF token (ui/session.py).
         principal = await ui_session.cookie_principal(request, services)
-        if principal.is_labeler and not labeler_allowed(request):
-            raise ApiError(
-                403, "labeler_forbidden", "A labeler key can only rank answers in feedback sessions."
-            )
-        return principal
+    else:
+        principal = await _key_principal(request, services)
+    if principal.is_labeler and not labeler_allowed(request):
+        raise ApiError(403, "labeler_forbidden", "A labeler key can only rank answers in feedback sessions.")
+    return principal
+
+
+async def _key_principal(request: Request, services: Services) -> Principal:
     token = bearer_token(request)
     digest = hash_secret(token)
     principal = services.auth_cache.get(digest)
@@ -66,8 +69,6 @@ async def get_principal(request: Request, services: ServicesDep) -> Principal:
         if principal is None:
             raise ApiError(401, "invalid_api_key", "The API key is not valid.")
         services.auth_cache.put(digest, principal)
-    if principal.is_labeler and not labeler_allowed(request):
-        raise ApiError(403, "labeler_forbidden", "A labeler key can only rank answers in feedback sessions.")
     return principal
 
 

@@ -104,6 +104,11 @@ def other_key(api: Harness) -> str:
 def live_url(api: Harness) -> Iterator[str]:
     """The app on a real uvicorn server on loopback (its own app instance and event loop,
     the same database and storage as ``api``)."""
+    yield from serve(api)
+
+
+def serve(api: Harness) -> Iterator[str]:
+    """Run a second app on ``api``'s settings under uvicorn until the generator is closed."""
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(api.settings), port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)

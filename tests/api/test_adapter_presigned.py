@@ -7,21 +7,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
-from tests.api.conftest import Harness, auth, harness
-from tests.conftest import ADMIN_KEY, free_port
+from tests.api.conftest import Harness, auth, harness, serve
+from tests.conftest import ADMIN_KEY
 from tuneforge import AdapterIntegrityError, AsyncClient, Client
 from tuneforge.storage import MANIFEST, adapter_prefix
 from tuneforge.types import JobStatus
-from tuneforge_api.app import create_app
 from tuneforge_api.store import jobs
 
 TINY = "tuneforge/tiny-llama"
@@ -42,21 +39,9 @@ def s3_api_no_presign(tmp_path: Path, redis_url: str, s3_bucket: str) -> Iterato
     yield from s3_harness(tmp_path, redis_url, s3_bucket, presign=False)
 
 
-def live(api: Harness) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(api.settings), port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(5)
-
-
 @pytest.fixture
 def s3_url(s3_api: Harness) -> Iterator[str]:
-    yield from live(s3_api)
+    yield from serve(s3_api)
 
 
 def succeeded_job(api: Harness, key: str = ADMIN_KEY) -> dict:
