@@ -10,44 +10,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from tuneforge_trainer.config_mapping import dpo_config_kwargs, resolve_hyperparameters
-from tuneforge_trainer.modeling import load_tokenizer, max_length_for
-from tuneforge_trainer.preference_data import PreferenceData, one_schema
-from tuneforge_trainer.training import RunContext, callbacks, fit
+from tuneforge_trainer.config_mapping import dpo_config_kwargs
+from tuneforge_trainer.pair_training import prepare_pair_run
+from tuneforge_trainer.preference_data import PreferenceData
+from tuneforge_trainer.training import RunContext, fit
 
 
 def train_dpo(
     ctx: RunContext, data: PreferenceData, eval_data: PreferenceData | None = None
 ) -> dict[str, Any]:
     """Train, save the adapter into ``ctx.adapter_dir``, and return the run's metrics."""
-    from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from tuneforge_trainer.progress import ProgressCallback
     from tuneforge_trainer.sft import current_names
 
-    spec = ctx.spec
-    data, eval_data = one_schema(data, eval_data)
-    tokenizer = load_tokenizer(spec, ctx.base_model_dir, chat=data.format == "conversational")
-    hp = resolve_hyperparameters(spec.method.params.hyperparameters, len(data))
-    kwargs = dpo_config_kwargs(
-        spec,
-        hp,
-        max_length=max_length_for(ctx.base_model_dir),
-        **ctx.config_kwargs(has_eval=eval_data is not None),
-    )
-    model, peft_config, quantization = ctx.model_and_lora(tokenizer)
-    progress = ProgressCallback(ctx.reporter)
+    run = prepare_pair_run(ctx, data, eval_data, dpo_config_kwargs)
     trainer = DPOTrainer(
-        model=model,
+        model=run.model,
         ref_model=None,
-        args=DPOConfig(**current_names(kwargs, DPOConfig)),
-        train_dataset=Dataset.from_list(data.records),
-        eval_dataset=Dataset.from_list(eval_data.records) if eval_data is not None else None,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        quantization_config=quantization if peft_config is not None else None,
-        callbacks=callbacks(ctx, progress),
+        args=DPOConfig(**current_names(run.config, DPOConfig)),
+        **run.trainer_kwargs,
     )
-    describe = f"DPO on {len(data)} pairs ({data.format}), beta={trainer.args.beta:g}"
-    return fit(trainer, ctx, progress, hp, describe=describe)
+    describe = f"DPO on {len(run.data)} pairs ({run.data.format}), beta={trainer.args.beta:g}"
+    return fit(trainer, ctx, run.progress, run.hp, describe=describe)

@@ -15,48 +15,30 @@ from __future__ import annotations
 
 from typing import Any
 
-from tuneforge_trainer.config_mapping import resolve_hyperparameters, reward_config_kwargs
-from tuneforge_trainer.modeling import load_tokenizer, max_length_for
-from tuneforge_trainer.preference_data import PreferenceData, one_schema
-from tuneforge_trainer.training import RunContext, callbacks, fit
+from tuneforge_trainer.config_mapping import reward_config_kwargs
+from tuneforge_trainer.pair_training import prepare_pair_run
+from tuneforge_trainer.preference_data import PreferenceData
+from tuneforge_trainer.training import RunContext, fit
 
 
 def train_reward_model(
     ctx: RunContext, data: PreferenceData, eval_data: PreferenceData | None = None
 ) -> dict[str, Any]:
     """Train, save the adapter (LoRA + score head) into ``ctx.adapter_dir``, return the metrics."""
-    from datasets import Dataset
     from trl import RewardConfig
 
-    from tuneforge_trainer.progress import ProgressCallback
     from tuneforge_trainer.sft import current_names
 
-    spec = ctx.spec
-    data, eval_data = one_schema(data, eval_data)
-    tokenizer = load_tokenizer(spec, ctx.base_model_dir, chat=data.format == "conversational")
-    hp = resolve_hyperparameters(spec.method.params.hyperparameters, len(data))
-    kwargs = reward_config_kwargs(
-        spec,
-        hp,
-        max_length=max_length_for(ctx.base_model_dir),
-        **ctx.config_kwargs(has_eval=eval_data is not None),
-    )
-    model, peft_config, quantization = ctx.model_and_lora(tokenizer)
-    progress = ProgressCallback(ctx.reporter)
+    run = prepare_pair_run(ctx, data, eval_data, reward_config_kwargs)
     trainer = weighted_reward_trainer_class()(
-        model=model,
-        args=RewardConfig(**current_names(kwargs, RewardConfig)),
-        train_dataset=Dataset.from_list(data.records),
-        eval_dataset=Dataset.from_list(eval_data.records) if eval_data is not None else None,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        quantization_config=quantization if peft_config is not None else None,
-        callbacks=callbacks(ctx, progress),
+        model=run.model,
+        args=RewardConfig(**current_names(run.config, RewardConfig)),
+        **run.trainer_kwargs,
     )
     # The classifier pools the last non-pad token, so the model must know the pad id (TRL sets it too).
-    trainer.model.config.pad_token_id = tokenizer.pad_token_id
-    describe = f"reward model on {len(data)} pairs from {data.n_examples} prompts ({data.format})"
-    return fit(trainer, ctx, progress, hp, describe=describe)
+    trainer.model.config.pad_token_id = run.tokenizer.pad_token_id
+    describe = f"reward model on {len(run.data)} pairs from {run.data.n_examples} prompts ({run.data.format})"
+    return fit(trainer, ctx, run.progress, run.hp, describe=describe)
 
 
 def pairwise_loss(chosen: Any, rejected: Any, weight: Any = None) -> Any:
