@@ -12,9 +12,8 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse, Response
 
 from tuneforge_api.deps import ServicesDep
-from tuneforge_api.store import jobs, projects
+from tuneforge_api.store import feedback, jobs, projects
 from tuneforge_api.store.projects import Principal
-from tuneforge_api.ui import feedback_lookup
 from tuneforge_api.ui.pages import message, render
 from tuneforge_api.ui.session import (
     COOKIE,
@@ -200,7 +199,9 @@ async def ranking_page(session_id: str, request: Request, services: ServicesDep)
         return _login_redirect(request)
     principal, session = found
     csrf = csrf_token(secret_for(request), session)
-    if not await feedback_lookup.session_exists(services, principal.project_id, session_id):
+    async with services.sessions() as db:
+        exists = await feedback.get_row(db, principal.project_id, session_id) is not None
+    if not exists:  # another project's session too, as the API answers
         return message(
             "Not found", f"No feedback session {session_id}.", status=404, csrf=csrf, signed_in=True
         )
