@@ -14,12 +14,11 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from tuneforge.types import JobStatus
 from tuneforge_api.db.tables import FileRow, JobRow
 from tuneforge_api.errors import ApiError
 from tuneforge_api.settings import Settings
+from tuneforge_api.store import jobs
 
-ACTIVE_STATES = [s.value for s in JobStatus if not s.is_finished()]
 RETRY_AFTER_S = 60
 
 
@@ -33,7 +32,7 @@ def quota_exceeded(code: str, message: str) -> ApiError:
 
 
 async def active_jobs(session: AsyncSession, project_id: str) -> int:
-    query = select(func.count()).where(JobRow.project_id == project_id, JobRow.status.in_(ACTIVE_STATES))
+    query = select(func.count()).where(JobRow.project_id == project_id, JobRow.status.in_(jobs.ACTIVE))
     return int(await session.scalar(query) or 0)
 
 

@@ -8,8 +8,9 @@ from sqlalchemy import delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import undefer
 
-from tuneforge.types import FileObject, JobStatus, Page
+from tuneforge.types import FileObject, Page
 from tuneforge_api.db.tables import FileRow, JobRow
+from tuneforge_api.store import jobs
 from tuneforge_api.store.pages import newest_first
 
 
@@ -84,16 +85,13 @@ async def remove(session: AsyncSession, project_id: str, file_id: str) -> bool:
     return result.rowcount > 0
 
 
-ACTIVE_JOB_STATES = [s.value for s in JobStatus if not s.is_finished()]
-
-
 async def jobs_using(session: AsyncSession, project_id: str, file_id: str) -> list[str]:
     """Ids of the unfinished jobs that train or evaluate on the file."""
     rows = await session.scalars(
         select(JobRow.id)
         .where(
             JobRow.project_id == project_id,
-            JobRow.status.in_(ACTIVE_JOB_STATES),
+            JobRow.status.in_(jobs.ACTIVE),
             or_(JobRow.training_file == file_id, JobRow.validation_file == file_id),
         )
         .order_by(JobRow.seq)
