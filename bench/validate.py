@@ -334,8 +334,8 @@ def run_together(python: str, path: Path) -> dict:
 
 def run_tuneforge(path: Path, workers: int | None = None):
     """As the API calls it (routes/files.py, validation/service.py): a file this size runs the fast
-    path on one worker process per idle CPU (``workers=None``: none on a busy host); ``workers=0``
-    keeps it in this process."""
+    path on one worker process per CPU (``workers=None``), which read the file themselves;
+    ``workers=0`` keeps it in this process."""
     from tuneforge_api.validation import Limits, validate_jsonl
 
     limits = Limits(keep_all_problem_lines=True, workers=workers)
@@ -350,7 +350,7 @@ def available_cpus() -> int:
 
 
 def tuneforge_workers() -> int:
-    """What ``workers=None`` picks now (it depends on the load when a validation starts)."""
+    """What ``workers=None`` picks on this machine."""
     from tuneforge_api.validation.parallel import auto_workers
 
     return auto_workers()
@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     wrong = {line for line, code in expected.items() if line not in ours}
     rows.append(
         Row(
-            f"Tuneforge (auto: {workers} worker processes at the start)",
+            f"Tuneforge (auto: {workers} worker processes)",
             seconds,
             gen.n_lines,
             _fmt(codes),

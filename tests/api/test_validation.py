@@ -135,6 +135,27 @@ CORPUS: list[tuple[str, bytes, list[tuple[int | None, str]]]] = [
         good(1) + msgs(U, {"role": "tool", "tool_call_id": "zz", "content": "1"}, A),
         [(2, "invalid_tool_call")],
     ),
+    (
+        # The fast path once skipped the blank check when another message had no text.
+        "blank question beside a tool call",
+        good(1)
+        + msgs(
+            {"role": "user", "content": "   "},
+            {"role": "assistant", "content": None, "tool_calls": [CALL]},
+            {"role": "tool", "tool_call_id": CALL["id"], "content": "1"},
+            A,
+        ),
+        [(2, "empty_content")],
+    ),
+    (
+        # msgspec reads a block as a stream of values: these two lines are two values together,
+        # but neither line is valid JSON alone.
+        "one example split over two lines",
+        good(1)
+        + good(1, start=5).rstrip(b"\n")
+        + b' {"messages": [{"role": "user", "content": "x"},\n{"role": "assistant", "content": "y"}]}\n',
+        [(2, "not_json"), (3, "not_json")],
+    ),
     ("the same example repeated", good(2) + good(1), [(3, "duplicate_example")]),
     ("unknown format", good(1) + j({"text": "hello"}), [(2, "unknown_format")]),
     (

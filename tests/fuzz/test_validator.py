@@ -142,6 +142,50 @@ def test_structured_files_never_raise_and_paths_agree(data: bytes, limits: Limit
     assert (fast.n_examples, fast.data_format) == (reference.n_examples, reference.data_format)
 
 
+# Chat lines the fast path can prove valid, mixed with the near misses it must hand on: blank
+# texts, untrained answers, tool results for no call.
+TEXT = st.sampled_from(["hi", "x y", "café 東京", "   ", "\t"])
+CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+CHAT_MESSAGE = st.one_of(
+    st.fixed_dictionaries({"role": st.sampled_from(["system", "developer", "user"]), "content": TEXT}),
+    st.fixed_dictionaries(
+        {"role": st.just("assistant"), "content": TEXT}, optional={"weight": st.sampled_from([0, 1])}
+    ),
+    st.just({"role": "assistant", "content": None, "tool_calls": [CALL]}),
+    st.fixed_dictionaries(
+        {"role": st.just("tool"), "tool_call_id": st.sampled_from(["c1", "zz"]), "content": TEXT}
+    ),
+)
+CHAT_LINES = st.lists(
+    st.fixed_dictionaries({"messages": st.lists(CHAT_MESSAGE, min_size=1, max_size=5)}).map(_line),
+    min_size=1,
+    max_size=12,
+)
+
+
+@st.composite
+def rewrapped_chat_files(draw: st.DrawFn) -> bytes:
+    """Chat lines whose line breaks moved: some lines joined by a space, some split after a
+    comma, so that values and lines no longer match one to one."""
+    data = bytearray(b"\n".join(draw(CHAT_LINES)) + b"\n")
+    breaks = [i for i, b in enumerate(data) if b == 0x0A][:-1]
+    commas = [i + 1 for i in range(len(data) - 1) if data[i : i + 2] == b", "]
+    for i in draw(st.sets(st.sampled_from(breaks), max_size=3)) if breaks else ():
+        data[i] = 0x20
+    for i in draw(st.sets(st.sampled_from(commas), max_size=3)) if commas else ():
+        data[i] = 0x0A
+    return bytes(data)
+
+
+@FUZZ
+@given(data=rewrapped_chat_files(), limits=LIMITS)
+def test_rewrapped_chat_lines_paths_agree(data: bytes, limits: Limits) -> None:
+    fast = _validate(data, limits, fast=True)
+    reference = _validate(data, limits, fast=False)
+    assert [(p.line, p.code) for p in fast.problems] == [(p.line, p.code) for p in reference.problems]
+    assert (fast.n_examples, fast.data_format) == (reference.n_examples, reference.data_format)
+
+
 @FUZZ
 @given(data=st.binary(max_size=4096), limits=LIMITS)
 def test_arbitrary_bytes_never_raise(data: bytes, limits: Limits) -> None:

@@ -9,12 +9,20 @@ It never names a problem. A line it cannot prove valid gets None and goes throug
 which name the problem; so it can only be faster than the rules, never different. Tests run
 both over the malformed-file corpus and random files and compare. Without msgspec installed,
 every line takes the rules path.
+
+``classify`` does all of a block's per-line work (split, keys, sizes, decoding, kinds, the
+sampled measurements), so that on worker processes the calling process only keeps the books.
+Samples are chosen by line key, not line number, so a worker needs no line numbers.
 """
 
 from __future__ import annotations
 
-from operator import attrgetter
-from typing import Annotated, Any, Literal, NamedTuple
+from bisect import bisect_left
+from itertools import accumulate, chain, compress
+from operator import attrgetter, itemgetter
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple
+
+import xxhash
 
 from tuneforge_api.validation.rules import CHAT, CHAT_OR_PROMPT, MESSAGE_OVERHEAD, TRAINED_OVERHEAD
 
@@ -26,6 +34,11 @@ except ImportError:  # optional: the rules alone are correct, only slower
 _content = attrgetter("content")
 _weight = attrgetter("weight")
 _tool_calls = attrgetter("tool_calls")
+_messages = attrgetter("messages")
+
+# A line's identity for duplicates and sampling: 64 bits, the same in every process (Python's
+# own hash() is salted per process, and worker processes compute keys for the caller).
+line_key = xxhash.xxh3_64_intdigest
 
 if msgspec is not None:
     UNSET = msgspec.UNSET
@@ -43,7 +56,10 @@ if msgspec is not None:
         type: Literal["function"] = "function"
 
     class _Message(msgspec.Struct, forbid_unknown_fields=True, gc=False, tag_field="role"):
-        pass
+        # Not fields (a user message may not carry them): every message reads as an answer
+        # with weight 1 and no tool calls, so kinds_of can map over all messages at once.
+        weight: ClassVar[int] = 1
+        tool_calls: ClassVar[None] = None
 
     class _System(_Message, tag="system"):
         content: _Text
@@ -75,28 +91,42 @@ if msgspec is not None:
     _ERRORS: tuple[type[BaseException], ...] = (msgspec.DecodeError, RecursionError, ValueError)
     _is_answer = _Assistant.__instancecheck__
     _is_tool_result = _Tool.__instancecheck__
+    _CHAT_IF_ANSWER = {_Assistant: CHAT}  # an example that ends with an answer is a chat
 
 
 AVAILABLE = msgspec is not None
 
 
-def decode_lines(block: bytes, lines: list[bytes]) -> list:
-    """One decoded chat example per line, None where a line is not one (or is blank)."""
+def decode_lines(block: bytes, stripped: list[bytes]) -> list:
+    """One decoded chat example per line (``stripped``: the block's lines, stripped), None where
+    a line is not one (or is blank).
+
+    msgspec reads a block as a stream of values, whatever the newlines, so a value split over two
+    lines, or two values on one, could still give one value per line. The block's values are
+    taken only when, besides that count, every line starts with ``{`` and ends with ``}``: a value
+    open at the end of such a line would need a ``,`` or a bracket next, never a ``{``, so no
+    value spans lines, and the count then leaves exactly one per line.
+    """
     if msgspec is None:
-        return [None] * len(lines)
-    try:
-        examples = _DECODER.decode_lines(block)
-        if len(examples) == len(lines):  # else a blank line was skipped: go line by line
-            return examples
-    except _ERRORS:
-        pass
+        return [None] * len(stripped)
+    if all(map(_is_object_shaped, stripped)):
+        try:
+            examples = _DECODER.decode_lines(block)
+            if len(examples) == len(stripped):
+                return examples
+        except _ERRORS:
+            pass
     out = []
-    for line in lines:
+    for line in stripped:
         try:
             out.append(_DECODER.decode(line))
         except _ERRORS:
             out.append(None)
     return out
+
+
+def _is_object_shaped(line: bytes) -> bool:
+    return line[:1] == b"{" and line[-1:] == b"}"
 
 
 def kind_of(example: Any) -> str | None:
@@ -112,7 +142,7 @@ def kind_of(example: Any) -> str | None:
     if not answers:
         return None
     texts = list(map(_content, messages))
-    if None not in texts and any(map(str.isspace, texts)):
+    if any(map(str.isspace, filter(None, texts))):
         return None
     unusual = (
         None in texts
@@ -123,6 +153,63 @@ def kind_of(example: Any) -> str | None:
     if unusual and walk(messages) is None:
         return None
     return CHAT if type(messages[-1]) is _Assistant else CHAT_OR_PROMPT
+
+
+def kinds_of(examples: list) -> list[str | None]:
+    """``kind_of`` of every example of a block, in a few C-level passes over all their messages
+    at once; only an example with something unusual (or without a final answer) is looked at
+    alone. A Python loop per example would cost more than decoding it."""
+    present = examples if None not in examples else [e for e in examples if e is not None]
+    kinds = _kinds_of_present(present)
+    if present is examples:
+        return kinds
+    found = iter(kinds)
+    return [None if e is None else next(found) for e in examples]
+
+
+def _kinds_of_present(examples: list) -> list[str | None]:
+    messages = list(map(_messages, examples))
+    counts = list(map(len, messages))
+    if len(counts) < 2 or 0 in counts:
+        return list(map(kind_of, examples))
+    flat = list(chain.from_iterable(messages))
+    lasts = list(accumulate(counts, initial=-1))[1:]  # where each example's last message sits in flat
+    types = list(map(type, flat))
+    kinds: list[str | None] = list(map(_CHAT_IF_ANSWER.get, itemgetter(*lasts)(types)))
+    # Where something unusual sits; each check is one pass in C, and finding nothing is the rule.
+    unusual: list[int] = []
+    texts = list(map(_content, flat))
+    if None in texts:
+        unusual += _positions(texts, None)
+        texts = list(map(str, texts))  # str(None) is not blank
+    if any(map(str.isspace, texts)):
+        unusual += _positions(list(map(str.isspace, texts)), True)
+    if _Tool in types:
+        unusual += _positions(types, _Tool)
+    if 0 in map(_weight, flat):
+        unusual += _positions(list(map(_weight, flat)), 0)
+    if any(map(_tool_calls, flat)):
+        unusual += compress(range(len(flat)), map(_tool_calls, flat))
+    redo = {bisect_left(lasts, i) for i in unusual}
+    redo.update(_positions(kinds, None))  # no final answer: a prompt, or no answer at all
+    for j in redo:
+        kinds[j] = kind_of(examples[j])
+    return kinds
+
+
+def _chosen(keys: list[int], stride: int) -> list[int] | range:
+    """The lines a stride samples: those whose key is a multiple of it."""
+    return range(len(keys)) if stride == 1 else _positions(list(map(stride.__rmod__, keys)), 0)
+
+
+def _positions(values: list, value: object) -> list[int]:
+    """Where ``value`` occurs in ``values`` (searched in C; the common answer is nowhere)."""
+    found: list[int] = []
+    try:
+        while True:
+            found.append(values.index(value, found[-1] + 1 if found else 0))
+    except ValueError:
+        return found
 
 
 def walk(messages: list) -> tuple[list[tuple[str, bool]], int] | None:
@@ -173,40 +260,44 @@ def trained_size(example: Any) -> int:
 
 
 class BlockFacts(NamedTuple):
-    """What the fast path learned of a block's lines, small enough to send between processes.
+    """What ``classify`` learned of a block's lines, small enough to send between processes.
 
-    ``kinds[i]`` is kind_of line i (None: the rules must look); ``trained`` and ``texts`` hold,
-    by line index, the trained size of valid lines with ``line % trained_stride == 0`` and the
-    token-sample texts (``texts_of``) of valid lines with ``line % sample_stride == 0``.
+    Per line (by index in the block): ``kinds`` (None: the rules must look), ``keys``
+    (``line_key`` of the stripped line) and ``sizes`` (its length). ``odd`` holds the lines whose
+    kind is None, which the caller hands to the rules; ``trained`` and ``texts`` hold the trained
+    size, and the token-sample texts (``texts_of``), of the valid lines whose key the trained
+    and sample strides select.
     """
 
+    n: int
     kinds: list[str | None]
+    keys: list[int]
+    sizes: list[int]
+    longest: int
+    odd: dict[int, bytes]
     trained: dict[int, int]
     texts: dict[int, tuple[list[tuple[str, bool]], int, int]]
 
 
-def classify(
-    block: bytes, lines: list[bytes], first: int, trained_stride: int, sample_stride: int
-) -> BlockFacts:
-    """The fast path over one block of whole lines (``first`` is the first line's number)."""
-    examples = decode_lines(block, lines)
-    kinds = list(map(kind_of, examples))
-    trained = {
-        i: trained_size(examples[i])
-        for i in range(-first % trained_stride, len(lines), trained_stride)
-        if kinds[i] is not None
-    }
+def split_lines(block: bytes) -> list[bytes]:
+    """A block's lines; each but a final one without its newline (the rules strip either way)."""
+    lines = block.split(b"\n")
+    if len(lines) > 1 and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+def classify(block: bytes, trained_stride: int, sample_stride: int) -> BlockFacts:
+    """The fast path over one block of whole lines."""
+    lines = split_lines(block)
+    stripped = list(map(bytes.strip, lines))
+    keys = list(map(line_key, stripped))
+    examples = decode_lines(block, stripped)
+    kinds = kinds_of(examples)
+    odd = {i: lines[i] for i in _positions(kinds, None)}
+    trained = {i: trained_size(examples[i]) for i in _chosen(keys, trained_stride) if kinds[i] is not None}
     texts = {}
     if sample_stride:
-        texts = {
-            i: texts_of(examples[i])
-            for i in range(-first % sample_stride, len(lines), sample_stride)
-            if kinds[i] is not None
-        }
-    return BlockFacts(kinds, trained, texts)
-
-
-def classify_block(block: bytes, n: int, first: int, trained_stride: int, sample_stride: int) -> BlockFacts:
-    """``classify`` for a worker process, which gets the block and its line count only."""
-    lines = block.split(b"\n", n - 1) if n > 1 else [block]
-    return classify(block, lines, first, trained_stride, sample_stride)
+        texts = {i: texts_of(examples[i]) for i in _chosen(keys, sample_stride) if kinds[i] is not None}
+    sizes = list(map(len, stripped))
+    return BlockFacts(len(lines), kinds, keys, sizes, max(map(len, lines)), odd, trained, texts)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ class Limits:
     block_bytes: int = BLOCK_BYTES
     keep_all_problem_lines: bool = False  # every problem's line in Report.problem_lines (unbounded)
     # Worker processes for the fast path (``parallel``) on files of at least parallel_min_bytes;
-    # None: one per idle CPU (at most 8; none on a busy host); 0 or 1: none.
+    # None: one per CPU (at most 8; none on a single CPU); 0 or 1: none.
     workers: int | None = None
     parallel_min_bytes: int = PARALLEL_MIN_BYTES
 
@@ -76,12 +77,12 @@ def parse_line(line: bytes) -> Any:
         raise rules.Invalid("not_json", f"not valid JSON: {reason}", line) from None
 
 
-def iter_blocks(fh: IO[bytes], limits: Limits) -> Iterator[tuple[int, bytes, int]]:
-    """(first line number, block of whole lines, line count).
+def iter_blocks(fh: IO[bytes], limits: Limits) -> Iterator[tuple[bytes, bool]]:
+    """(block of whole lines, False), or (a too-long line's first bytes, True).
 
-    A too-long line is yielded as ``(line, its first bytes, 0)`` and skipped in bounded reads.
+    A too-long line is skipped in bounded reads. Where blocks start depends only on the bytes
+    (each holds the lines that end in one ``block_bytes`` read), never on who reads them.
     """
-    line_no = 1
     rest = b""
     while True:
         chunk = fh.read(limits.block_bytes)
@@ -90,19 +91,52 @@ def iter_blocks(fh: IO[bytes], limits: Limits) -> Iterator[tuple[int, bytes, int
         cut = chunk.rfind(b"\n") + 1
         if cut:
             # One copy: the carried-over start of a line plus this chunk's whole lines.
-            block = rest + memoryview(chunk)[:cut] if rest else chunk[:cut]
+            block = rest + memoryview(chunk)[:cut] if rest else chunk[:cut] if cut < len(chunk) else chunk
             rest = chunk[cut:]
-            n = block.count(b"\n")
-            yield line_no, block, n
-            line_no += n
+            yield block, False
         else:
             rest += chunk
         if len(rest) > limits.max_line_bytes:
-            yield line_no, rest[:200], 0
-            line_no += 1
+            yield rest[:200], True
             rest = _skip_line(fh, limits.block_bytes)
     if rest:
-        yield line_no, rest, 1  # the last line, without a newline
+        yield rest, False  # the last line, without a newline
+
+
+def iter_spans(fd: int, start: int, end: int, limits: Limits) -> Iterator[tuple[tuple[int, int], bool]]:
+    """``iter_blocks`` of bytes ``start:end`` of the open file ``fd``, as byte ranges: the same
+    blocks, found by reading only the tail of each ``block_bytes`` read (back to its last
+    newline), so that worker processes can read the blocks themselves."""
+    size, rest, pos = limits.block_bytes, start, start
+    while pos < end:
+        stop = min(pos + size, end)
+        cut = _last_newline(fd, pos, stop)
+        if cut >= 0:
+            yield (rest, cut + 1), False
+            rest = cut + 1
+        pos = stop
+        if pos - rest > limits.max_line_bytes:
+            yield (rest, rest + 200), True
+            newline = -1
+            while newline < 0 and pos < end:
+                stop = min(pos + size, end)
+                found = parallel.read_span(fd, pos, stop).find(b"\n")
+                newline = pos + found if found >= 0 else -1
+                pos = stop
+            rest = newline + 1 if newline >= 0 else end
+    if rest < end:
+        yield (rest, end), False  # the last line, without a newline
+
+
+def _last_newline(fd: int, start: int, stop: int, step: int = 1 << 16) -> int:
+    """The offset of the last newline in bytes ``start:stop`` of ``fd``, or -1."""
+    while stop > start:
+        piece_start = max(start, stop - step)
+        found = parallel.read_span(fd, piece_start, stop).rfind(b"\n")
+        if found >= 0:
+            return piece_start + found
+        stop = piece_start
+    return -1
 
 
 def _skip_line(fh: IO[bytes], size: int) -> bytes:
@@ -112,6 +146,31 @@ def _skip_line(fh: IO[bytes], size: int) -> bytes:
         if nl >= 0:
             return chunk[nl + 1 :]
     return b""
+
+
+class _Block:
+    """A block (its bytes, or its byte range in an open file, read only when asked) and its
+    lines, split only when someone asks: rare lines (problems, duplicates, the first excerpts of
+    a format), or a block that the fast path did not classify."""
+
+    __slots__ = ("_data", "_fd", "_span", "_lines")
+
+    def __init__(self, payload: bytes | tuple[int, int], fd: int | None = None) -> None:
+        self._data = payload if isinstance(payload, bytes) else None
+        self._span = payload if isinstance(payload, tuple) else None
+        self._fd = fd
+        self._lines: list[bytes] | None = None
+
+    def data(self) -> bytes:
+        if self._data is None:
+            assert self._fd is not None and self._span is not None
+            self._data = parallel.read_span(self._fd, *self._span)
+        return self._data
+
+    def lines(self) -> list[bytes]:
+        if self._lines is None:
+            self._lines = fast.split_lines(self.data())
+        return self._lines
 
 
 @dataclass
@@ -125,7 +184,7 @@ class Validator:
     kinds: formats.KindTally = field(default_factory=formats.KindTally)
     seen: set[int] = field(default_factory=set)
     profile: SizeProfile = field(default_factory=SizeProfile)
-    trained_stride: int = 1  # trained sizes are measured on every n-th line (see validate_jsonl)
+    trained_stride: int = 1  # trained sizes are measured on lines whose key % stride == 0
     workers: int = 0  # processes for the fast path; 0 or 1: this one (see validate_jsonl)
     fast_lines: int = 0  # lines the fast path proved valid (the rest went through the rules)
 
@@ -136,121 +195,124 @@ class Validator:
 
     def feed(self, fh: IO[bytes]) -> Report:
         fast_path = self.use_fast_path and fast.AVAILABLE
-        blocks: Iterator[tuple[int, bytes, int, fast.BlockFacts | None]]
+        strides = (self.trained_stride, self._sample_stride())
+        fd = None
+        blocks: Iterator[tuple[bytes | tuple[int, int], bool, fast.BlockFacts | None]]
         if fast_path and self.workers > 1:
             # Worker processes run the fast path a few blocks ahead; the rest stays here, in order.
-            blocks = parallel.classified(
-                iter_blocks(fh, self.limits), self.workers, self.trained_stride, self._sample_stride()
-            )
+            path = parallel.local_file(fh)
+            if path is not None:  # the workers read their blocks from the file themselves
+                fd = fh.fileno()
+                spans = iter_spans(fd, fh.tell(), os.fstat(fd).st_size, self.limits)
+                blocks = parallel.classified(spans, self.workers, *strides, path=path)
+            else:
+                blocks = parallel.classified(iter_blocks(fh, self.limits), self.workers, *strides)
         else:
-            blocks = ((first, block, n, None) for first, block, n in iter_blocks(fh, self.limits))
-        for first, block, n, facts in blocks:
-            self.report.n_lines = first + max(n, 1) - 1
-            if n == 0:
+            blocks = ((block, too_long, None) for block, too_long in iter_blocks(fh, self.limits))
+        line_no = 1
+        for payload, too_long, facts in blocks:
+            block = _Block(payload, fd)
+            if too_long:
+                self.report.n_lines = line_no
                 self.report.n_examples += 1
                 limit = self.limits.max_line_bytes
-                self.report.add(first, "too_long", f"line is longer than {limit} bytes", block)
+                self.report.add(line_no, "too_long", f"line is longer than {limit} bytes", block.data())
+                line_no += 1
                 continue
-            lines = block.split(b"\n", n - 1) if n > 1 else [block]
             if fast_path:
                 if facts is None:
-                    facts = fast.classify(block, lines, first, self.trained_stride, self._sample_stride())
-                self._fast_block(first, lines, facts)
+                    facts = fast.classify(block.data(), *strides)
+                self._fast_block(line_no, block, facts)
+                line_no += facts.n
             else:
-                for i, line in enumerate(lines):
-                    self._line(first + i, line)
+                for line in block.lines():
+                    self._line(line_no, line)
+                    line_no += 1
+            self.report.n_lines = line_no - 1
         return self.finish()
 
     def _sample_stride(self) -> int:
         return self.sample.stride if self.sample is not None else 0
 
-    def _fast_block(self, first: int, lines: list[bytes], facts: fast.BlockFacts) -> None:
+    def _fast_block(self, first: int, block: _Block, facts: fast.BlockFacts) -> None:
         """Runs of lines the fast path proved valid are accounted in bulk (set and list
         operations in C); the other lines go through the rules, in line order."""
-        kinds = facts.kinds
+        bad = sorted(facts.odd)
         limit = self.limits.max_line_bytes
-        bad = [i for i, k in enumerate(kinds) if k is None] if None in kinds else []
-        if max(map(len, lines)) > limit:
-            bad = sorted(set(bad) | {i for i, line in enumerate(lines) if len(line) > limit})
+        if facts.longest > limit:
+            long_lines = {i for i, line in enumerate(block.lines()) if len(line) > limit}
+            bad = sorted(set(bad) | long_lines)
         start = 0
-        for stop in [*bad, len(lines)]:
+        for stop in [*bad, facts.n]:
             if stop > start:
-                self._run(first, start, lines[start:stop], facts)
-            if stop < len(lines):
-                self._line(first + stop, lines[stop])
+                self._run(first, start, stop, block, facts)
+            if stop < facts.n:
+                self._line(first + stop, facts.odd[stop] if stop in facts.odd else block.lines()[stop])
             start = stop + 1
 
-    def _run(self, block_first: int, offset: int, lines: list[bytes], facts: fast.BlockFacts) -> None:
-        """A run of lines the fast path proved valid, from index ``offset`` of the block that
-        starts at line ``block_first``; a duplicate sends the run line by line."""
-        first = block_first + offset
-        stripped = list(map(bytes.strip, lines))
-        keys = set(map(hash, stripped))
-        if len(keys) != len(lines) or not self.seen.isdisjoint(keys):
-            return self._mixed_run(block_first, offset, lines, facts)
-        self._remember(keys)
-        self.fast_lines += len(lines)
-        self.report.n_examples += len(lines)
-        sizes = list(map(len, stripped))
-        stride = self.trained_stride
-        measured = range(-first % stride, len(lines), stride)
+    def _run(self, first: int, start: int, stop: int, block: _Block, facts: fast.BlockFacts) -> None:
+        """Lines ``start:stop`` of the block that starts at line ``first``, all proved valid by
+        the fast path; a duplicate among them sends the run line by line."""
+        keys = set(facts.keys[start:stop])
+        if len(keys) != stop - start or not self.seen.isdisjoint(keys):
+            return self._mixed_run(first, start, stop, block, facts)
+        self._remember(keys, facts.keys[start:stop])
+        self.fast_lines += stop - start
+        self.report.n_examples += stop - start
+        sizes = facts.sizes[start:stop]
+        whole = start == 0 and stop == facts.n
+        measured = facts.trained if whole else {i: v for i, v in facts.trained.items() if start <= i < stop}
         self.profile.add_many(
             sizes,
-            trained=sum(facts.trained[offset + i] for i in measured),
-            trained_of=sum(sizes[i] for i in measured),
+            trained=sum(measured.values()),
+            trained_of=sum(facts.sizes[i] for i in measured),
         )
-        kinds = facts.kinds[offset : offset + len(lines)]
+        kinds = facts.kinds[start:stop]
         n_chat = kinds.count(rules.CHAT)
-        for kind, count in ((rules.CHAT, n_chat), (rules.CHAT_OR_PROMPT, len(lines) - n_chat)):
+        for kind, count in ((rules.CHAT, n_chat), (rules.CHAT_OR_PROMPT, len(kinds) - n_chat)):
             firsts = []
             if count and self.kinds.wants(kind):
-                hits = [i for i, k in enumerate(kinds) if k == kind][: self.kinds.keep]
+                hits = [i for i, k in enumerate(kinds, start) if k == kind][: self.kinds.keep]
                 shown = max(0, MAX_PROBLEMS - len(self.kinds.first_lines.get(kind, ())))
                 firsts = [
-                    (first + i, excerpt(lines[i][:400]) if j < shown else "") for j, i in enumerate(hits)
+                    (first + i, excerpt(block.lines()[i].strip()[:400]) if j < shown else "")
+                    for j, i in enumerate(hits)
                 ]
             self.kinds.add_many(kind, firsts, count)
         if self.sample is not None:
-            for i in range(len(lines)):
-                if self.sample.wants(first + i):
-                    self.sample.add(*facts.texts[offset + i], sizes[i])
+            for i, texts in facts.texts.items():
+                if start <= i < stop:
+                    self.sample.add(*texts, facts.sizes[i])
 
-    def _mixed_run(self, block_first: int, offset: int, lines: list[bytes], facts: fast.BlockFacts) -> None:
+    def _mixed_run(self, first: int, start: int, stop: int, block: _Block, facts: fast.BlockFacts) -> None:
         """Line by line, in order: the fast result where there is one, the rules elsewhere."""
-        limit, cap, stride = self.limits.max_line_bytes, self.limits.dedupe_cap, self.trained_stride
-        for i, line in enumerate(lines):
-            kind, line_no = facts.kinds[offset + i], block_first + offset + i
-            if kind is None or len(line) > limit:
-                self._line(line_no, line)
-                continue
-            stripped = line.strip()
-            key = hash(stripped)
-            if key in self.seen:
-                self._line(line_no, line)  # the rules name the duplicate
+        cap = self.limits.dedupe_cap
+        for i in range(start, stop):
+            kind, key, line_no = facts.kinds[i], facts.keys[i], first + i
+            if kind is None or key in self.seen:
+                self._line(line_no, block.lines()[i])  # the rules name the problem or duplicate
                 continue
             if len(self.seen) < cap:
                 self.seen.add(key)
             self.fast_lines += 1
             self.report.n_examples += 1
-            size = len(stripped)
-            if line_no % stride == 0:
-                self.profile.add(size, facts.trained[offset + i], size)
+            size = facts.sizes[i]
+            if i in facts.trained:
+                self.profile.add(size, facts.trained[i], size)
             else:
                 self.profile.add(size)
-            self.kinds.add(kind, line_no, self._kind_excerpt(kind, stripped))
-            if self.sample is not None and self.sample.wants(line_no):
-                self.sample.add(*facts.texts[offset + i], size)
+            shown = len(self.kinds.first_lines.get(kind, ())) < MAX_PROBLEMS
+            self.kinds.add(kind, line_no, excerpt(block.lines()[i].strip()[:400]) if shown else "")
+            if self.sample is not None and i in facts.texts:
+                self.sample.add(*facts.texts[i], size)
 
-    def _kind_excerpt(self, kind: str, line: bytes) -> str:
-        """Only the first lines of a kind can become problems that show an excerpt."""
-        return excerpt(line[:400]) if len(self.kinds.first_lines.get(kind, ())) < MAX_PROBLEMS else ""
-
-    def _remember(self, keys: set[int]) -> None:
+    def _remember(self, keys: set[int], in_order: list[int]) -> None:
+        """Remember a run's keys; near the cap, the first lines' ones, as line by line would."""
         room = self.limits.dedupe_cap - len(self.seen)
         if len(keys) <= room:
             self.seen |= keys
         elif room > 0:
-            self.seen.update(list(keys)[:room])
+            self.seen.update(in_order[:room])
 
     def _line(self, line_no: int, line: bytes) -> None:
         line = line.rstrip(b"\n")
@@ -273,19 +335,20 @@ class Validator:
         except rules.Invalid as problem:
             self.report.add(line_no, problem.code, problem.message, problem.value)
             return
-        key = hash(stripped)
+        key = fast.line_key(stripped)
         if key in self.seen:
             self.report.add(line_no, "duplicate_example", "the same example as an earlier line", stripped)
             return
         if len(self.seen) < self.limits.dedupe_cap:
             self.seen.add(key)
-        self.kinds.add(kind, line_no, self._kind_excerpt(kind, stripped))
+        shown = len(self.kinds.first_lines.get(kind, ())) < MAX_PROBLEMS
+        self.kinds.add(kind, line_no, excerpt(stripped[:400]) if shown else "")
         size = len(stripped)
-        if line_no % self.trained_stride == 0:
+        if key % self.trained_stride == 0:
             self.profile.add(size, measure.sizes()[1], size)
         else:
             self.profile.add(size)
-        if self.sample is not None and self.sample.wants(line_no):
+        if self.sample is not None and self.sample.wants(key):
             self.sample.add(measure.texts, measure.overhead, measure.trained_overhead, size)
 
     def finish(self) -> Report:
@@ -324,7 +387,7 @@ def validate_jsonl(
     """Validate a JSONL dataset read from ``fh``; the report says everything found.
 
     With ``size_hint`` (the file's size), a file over ``TRAINED_SAMPLE_BYTES`` has its trained
-    (answer) sizes measured on a systematic sample of lines, and the total scaled from it; and a
+    (answer) sizes measured on a sample of lines (chosen by line key), and the total scaled from it; and a
     file of at least ``limits.parallel_min_bytes`` runs the fast path on worker processes.
     """
     limits = limits or Limits()

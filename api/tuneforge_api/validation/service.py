@@ -50,8 +50,8 @@ class ValidationSettings(BaseSettings):
         None,
         ge=0,
         le=64,
-        description="Worker processes for files of 32 MiB or more; unset: one per idle CPU (at most 8, "
-        "none when fewer than 2 are idle); 0: validate in the API process only.",
+        description="Worker processes for files of 32 MiB or more; unset: one per CPU (at most 8, "
+        "none on a single CPU); 0: validate in the API process only.",
     )
 
     def limits(self) -> Limits:

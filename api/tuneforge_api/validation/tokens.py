@@ -83,7 +83,11 @@ def load(ref: TokenizerRef) -> Any | None:
 
 @dataclass
 class TokenSample:
-    """Tokenizes every ``stride``-th line's example, in batches; sizes and tokens side by side."""
+    """Tokenizes about one example in ``stride``, in batches; sizes and tokens side by side.
+
+    Lines are chosen by their key (``fast.line_key``), not their number: a worker process that
+    classifies a block knows its lines' keys but not their numbers.
+    """
 
     tokenizer: Any
     ref: TokenizerRef
@@ -93,8 +97,8 @@ class TokenSample:
     n_over: int = 0
     _pending: list[tuple[list[tuple[str, bool]], int, int, int]] = field(default_factory=list)
 
-    def wants(self, line: int) -> bool:
-        return line % self.stride == 0
+    def wants(self, key: int) -> bool:
+        return key % self.stride == 0
 
     def add(self, texts: list[tuple[str, bool]], overhead: int, trained_overhead: int, size: int) -> None:
         self._pending.append((texts, overhead, trained_overhead, size))
