@@ -9,6 +9,7 @@ Missing keys raise ``FileNotFoundError``, as the file backend does.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -79,6 +80,14 @@ class S3Storage:
         except BaseException:
             self._s3.abort_multipart_upload(Bucket=self.bucket, Key=full_key, UploadId=upload_id)
             raise
+
+    def open_spool(self) -> BinaryIO:
+        """A local temp file for an object being received; removed when closed."""
+        return tempfile.TemporaryFile()  # type: ignore[return-value]
+
+    def put_spool(self, key: str, spool: BinaryIO) -> None:
+        spool.seek(0)
+        self.put_fileobj(key, spool)
 
     def get_file(self, key: str, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -59,6 +60,8 @@ class Storage(Protocol):
 
     def put_file(self, key: str, path: Path) -> None: ...
     def put_fileobj(self, key: str, fh: BinaryIO) -> None: ...
+    def open_spool(self) -> BinaryIO: ...
+    def put_spool(self, key: str, spool: BinaryIO) -> None: ...
     def put_bytes(self, key: str, data: bytes) -> None: ...
     def get_file(self, key: str, path: Path) -> None: ...
     def get_bytes(self, key: str) -> bytes: ...
@@ -116,6 +119,29 @@ class FileStorage:
     def put_bytes(self, key: str, data: bytes) -> None:
         with self._atomic(key) as dst:
             dst.write(data)
+
+    def open_spool(self) -> BinaryIO:
+        """A temp file for an object being received (an upload), under ``.tmp/`` on the disk the
+        object will live on, so that ``put_spool`` publishes it by a rename, not a second copy.
+        It is removed when closed; one left by a crash is swept as any other temp file."""
+        return tempfile.NamedTemporaryFile(dir=self._tmp, prefix="spool-")  # type: ignore[return-value]
+
+    def put_spool(self, key: str, spool: BinaryIO) -> None:
+        """Publish a whole spool from ``open_spool`` atomically: synced, then linked under a temp
+        name and renamed into place (the spool's own name goes when it is closed)."""
+        spool.flush()
+        os.fsync(spool.fileno())
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._tmp / uuid.uuid4().hex
+        try:
+            try:
+                os.link(spool.name, tmp)
+            except OSError:  # a filesystem without hard links: one copy instead
+                shutil.copyfile(spool.name, tmp)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def get_file(self, key: str, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -90,6 +90,30 @@ class Exploding(io.RawIOBase):
         return b"z" * n
 
 
+def test_a_spool_is_published_whole_and_leaves_no_temp_file(storage: Storage) -> None:
+    body = os.urandom(3 * MIB)
+    with storage.open_spool() as spool:
+        spool.write(body)
+        assert storage.list("") == []  # nothing visible while it is received
+        storage.put_spool("files/f1", spool)
+    assert storage.get_bytes("files/f1") == body and storage.list("") == ["files/f1"]
+    if not isinstance(storage, S3Storage):
+        assert not any(Path(storage.root, ".tmp").iterdir()), "a temp file was left behind"
+
+
+def test_a_spool_is_copied_where_hard_links_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = FileStorage(tmp_path)
+
+    def no_links(*_: object) -> None:
+        raise PermissionError("hard links are not supported here")
+
+    monkeypatch.setattr(os, "link", no_links)
+    with storage.open_spool() as spool:
+        spool.write(b"abc")
+        storage.put_spool("files/f2", spool)
+    assert storage.get_bytes("files/f2") == b"abc" and not any((tmp_path / ".tmp").iterdir())
+
+
 def test_failed_upload_leaves_nothing(storage: Storage) -> None:
     with pytest.raises(ConnectionResetError):
         storage.put_fileobj("partial.bin", Exploding(12 * MIB))

@@ -7,7 +7,6 @@ nothing is stored. A larger one is stored as ``uploaded`` and validated in the b
 
 from __future__ import annotations
 
-import hashlib
 import json
 import unicodedata
 from collections.abc import AsyncIterator
@@ -16,8 +15,8 @@ from typing import IO, Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from python_multipart.multipart import parse_options_header
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 
 from tuneforge.storage import file_key
 from tuneforge.types import FileObject, Page
@@ -26,6 +25,7 @@ from tuneforge_api.db.tables import FileRow
 from tuneforge_api.deps import PrincipalDep, ServicesDep, SessionDep, release
 from tuneforge_api.errors import ApiError, BodyTooLarge, not_found
 from tuneforge_api.idempotency import IdempotentRequest, commit_or_replay, idempotent_request
+from tuneforge_api.multipart import FormError, ReceivedFile, UploadForm
 from tuneforge_api.services import Services
 from tuneforge_api.store import files
 from tuneforge_api.store.ids import new_id, now
@@ -92,53 +92,68 @@ UPLOAD_BODY = {
 }
 
 
-@router.post("", response_model=FileObject, openapi_extra=UPLOAD_BODY)
-async def upload_file(
-    request: Request, principal: PrincipalDep, services: ServicesDep
-) -> FileObject | JSONResponse:
+async def _receive_form(request: Request, services: Services) -> UploadForm:
+    content_type = request.headers.get("content-type", "")
+    if parse_options_header(content_type)[0] != b"multipart/form-data":
+        raise ApiError(400, "missing_file", "The form has no 'file' part.", param="file")
     try:
-        form = await request.form(max_files=1, max_fields=8)
-    except BodyTooLarge:
-        raise
-    except Exception as exc:
+        form = UploadForm(
+            content_type, services.storage.open_spool, hash_file="idempotency-key" in request.headers
+        )
+    except FormError as exc:
         raise ApiError(
             400, "invalid_multipart", "Expected a multipart form with 'file' and 'purpose'."
         ) from exc
     try:
-        upload, purpose = form.get("file"), form.get("purpose")
-        if not isinstance(upload, UploadFile):
+        await form.read(request.stream())
+    except BaseException as exc:
+        form.close()  # not awaited: this may be a cancellation
+        if isinstance(exc, BodyTooLarge) or not isinstance(exc, Exception):
+            raise
+        raise ApiError(
+            400, "invalid_multipart", "Expected a multipart form with 'file' and 'purpose'."
+        ) from exc
+    return form
+
+
+@router.post("", response_model=FileObject, openapi_extra=UPLOAD_BODY)
+async def upload_file(
+    request: Request, principal: PrincipalDep, services: ServicesDep
+) -> FileObject | JSONResponse:
+    form = await _receive_form(request, services)
+    try:
+        upload, purpose = form.file, form.fields.get("purpose")
+        if upload is None:
             raise ApiError(400, "missing_file", "The form has no 'file' part.", param="file")
         if purpose not in PURPOSES:
             raise ApiError(
                 400, "invalid_purpose", f"purpose must be one of {sorted(PURPOSES)}.", param="purpose"
             )
-        upload.file.seek(0, 2)
         limit = services.settings.max_upload_bytes
-        if upload.file.tell() > limit:  # the middleware bounds the body; this bounds the file exactly
+        size = upload.size
+        if size > limit:  # the middleware bounds the body; this bounds the file exactly
             raise ApiError(
                 413, "file_too_large", f"The file exceeds the limit of {limit} bytes.", param="file"
             )
-        size = upload.file.tell()
         # A replay answers what the first request got, before any check that could now differ.
-        idem = await _idempotent_upload(request, principal, upload, str(purpose), size)
+        idem = _idempotent_upload(request, principal, upload, str(purpose), size)
         if idem:
             async with services.sessions() as session:
                 if replayed := await idem.replay(session):
                     return replayed
         async with services.sessions() as session:
             await quotas.check_storage(session, services.settings, principal.project_id, size)
-        upload.file.seek(0)
         background = _background(request.app)
         settings = background.settings
         in_background = size > settings.sync_max_bytes
         if in_background:
             outcome: dict[str, Any] = {"status": "uploaded", "n_examples": 0}
         else:
-            outcome = await run_in_threadpool(_validate_upload, services, settings, upload.file, size)
-            upload.file.seek(0)
+            outcome = await run_in_threadpool(_validate_upload, services, settings, upload.spool, size)
+            upload.spool.seek(0)
         file_id = new_id("file")
         key = file_key(principal.project_id, file_id)
-        await run_in_threadpool(services.storage.put_fileobj, key, upload.file)
+        await run_in_threadpool(services.storage.put_spool, key, upload.spool)
         row = FileRow(
             id=file_id,
             project_id=principal.project_id,
@@ -165,30 +180,26 @@ async def upload_file(
             background.start(principal.project_id, file_id)
         return created
     finally:
-        await form.close()
+        await run_in_threadpool(form.close)
 
 
-async def _idempotent_upload(
-    request: Request, principal: PrincipalDep, upload: UploadFile, purpose: str, size: int
+def _idempotent_upload(
+    request: Request, principal: PrincipalDep, upload: ReceivedFile, purpose: str, size: int
 ) -> IdempotentRequest | None:
-    """With an Idempotency-Key, the upload's fingerprint: its form fields and content hash."""
-    if "idempotency-key" not in request.headers:
+    """With an Idempotency-Key, the upload's fingerprint: its form fields and content hash
+    (computed while the file streamed in)."""
+    if "idempotency-key" not in request.headers or upload.sha256 is None:
         return None
-    digest = await run_in_threadpool(_sha256, upload.file)
     canonical = json.dumps(
-        {"purpose": purpose, "filename": clean_filename(upload.filename), "bytes": size, "sha256": digest},
+        {
+            "purpose": purpose,
+            "filename": clean_filename(upload.filename),
+            "bytes": size,
+            "sha256": upload.sha256,
+        },
         sort_keys=True,
     )
     return idempotent_request(request, principal, canonical)
-
-
-def _sha256(fh: IO[bytes]) -> str:
-    digest = hashlib.sha256()
-    fh.seek(0)
-    while chunk := fh.read(1 << 20):
-        digest.update(chunk)
-    fh.seek(0)
-    return digest.hexdigest()
 
 
 def _validate_upload(services: Services, settings: ValidationSettings, fh: IO[bytes], size: int) -> dict:
