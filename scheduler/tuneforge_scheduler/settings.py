@@ -92,6 +92,13 @@ class SchedulerSettings(Settings):
 
     local_max_jobs: int = Field(1, ge=1, le=64, description="Trainer processes at once on this machine.")
     reconcile_every_s: int = Field(1, ge=1, le=60, description="Seconds between reconcile passes.")
+    stale_upload_hours: float = Field(
+        24,
+        ge=0,
+        description="Hourly, incomplete writes that a killed process left in storage (file:// temp "
+        "files, s3:// multipart uploads) and file objects without a file row are removed once this "
+        "old; a live upload is always younger. 0 is for tests: it can remove an upload in flight.",
+    )
     kubernetes: KubernetesSettings = Field(
         default_factory=KubernetesSettings, description="The kubernetes executor's settings."
     )

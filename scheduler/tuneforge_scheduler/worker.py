@@ -1,4 +1,5 @@
-"""The arq worker: three short tasks plus a reconcile cron, written the way arq itself is."""
+"""The arq worker: three short tasks plus crons (reconcile, webhooks, hourly clean-ups), written
+the way arq itself is."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import json
 import logging
 import signal
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -17,12 +19,14 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from tuneforge.storage_sweep import sweep_incomplete
 from tuneforge_api.services import Services
 from tuneforge_api.store import idempotency
 from tuneforge_scheduler import webhook_delivery
 from tuneforge_scheduler.executors import Executor
 from tuneforge_scheduler.executors.local import LocalExecutor
 from tuneforge_scheduler.lifecycle import Scheduler
+from tuneforge_scheduler.orphan_files import remove_orphan_files
 from tuneforge_scheduler.settings import SchedulerSettings
 
 log = logging.getLogger("tuneforge.scheduler")
@@ -66,6 +70,38 @@ async def purge_idempotency_keys(ctx: dict[str, Any]) -> None:
         log.info("purged %d expired idempotency keys", purged)
 
 
+async def sweep_storage(ctx: dict[str, Any]) -> None:
+    """Removes what killed uploads and trainers left in storage: incomplete writes (temp files,
+    open multipart uploads), never visible, so only their age tells a dead one from a live one;
+    and file objects without a file row, once older than an upload takes to commit its row.
+    Each part runs even if the other fails (its error is raised after)."""
+    services = ctx["scheduler"].services
+    age = ctx["stale_upload_age"]
+    errors: list[Exception] = []
+    try:
+        result = await asyncio.to_thread(sweep_incomplete, services.storage, age)
+        if result.count:
+            log.info("removed %d stale incomplete uploads (%d bytes)", result.count, result.bytes_freed)
+    except Exception as exc:
+        log.exception("the sweep of incomplete uploads failed")
+        errors.append(exc)
+    try:
+        orphans = await remove_orphan_files(services, age)
+        log.info(
+            "removed %d orphan file objects (%d bytes); kept %d with a file row and %d younger than %s",
+            orphans.count,
+            orphans.bytes_freed,
+            orphans.owned,
+            orphans.young,
+            age,
+        )
+    except Exception as exc:
+        log.exception("the sweep of orphan file objects failed")
+        errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
 async def dispatch_webhooks(ctx: dict[str, Any]) -> None:
     await webhook_delivery.enqueue_due(ctx["scheduler"].services, ctx["redis"])
 
@@ -107,6 +143,7 @@ def build_worker(settings: SchedulerSettings, scheduler: Scheduler | None = None
     async def on_startup(ctx: dict[str, Any]) -> None:
         ctx["scheduler"] = scheduler
         ctx["webhook_http"] = httpx.AsyncClient(headers={"user-agent": "tuneforge-webhooks"})
+        ctx["stale_upload_age"] = timedelta(hours=settings.stale_upload_hours)
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
         await ctx["webhook_http"].aclose()
@@ -121,6 +158,7 @@ def build_worker(settings: SchedulerSettings, scheduler: Scheduler | None = None
             cron(reconcile, second=set(range(0, 60, every)), run_at_startup=True, timeout=120),
             cron(dispatch_webhooks, second=set(range(0, 60, every)), run_at_startup=True, timeout=60),
             cron(purge_idempotency_keys, minute=0, second=30, run_at_startup=True, timeout=120),
+            cron(sweep_storage, minute=30, second=15, run_at_startup=True, timeout=600),
         ],
         on_startup=on_startup,
         on_shutdown=on_shutdown,
