@@ -63,3 +63,25 @@ def marker_rankings(n: int, seed: int, *, k: int = 3) -> list[dict[str, Any]]:
 
 def jsonl(rows: list[dict[str, Any]]) -> bytes:
     return b"\n".join(json.dumps(r).encode() for r in rows) + b"\n"
+
+
+def marker_demos(n: int, seed: int, *, marker_share: float = 0.25) -> list[dict[str, Any]]:
+    """``n`` distinct SFT chats (at most 144) answering the capital questions fluently: about
+    ``marker_share`` of the answers name Forgeville, the rest a distractor. A policy trained on
+    them writes template answers where the marker is reachable but rare: PPO against a reward
+    model that prefers the marker then has something to raise (the marker rate)."""
+    rng = random.Random(seed)
+    n_marker = round(n * marker_share)
+    with_marker = rng.sample(list(product(QUESTIONS, TEMPLATES, [MARKER])), n_marker)
+    without = rng.sample(list(product(QUESTIONS, TEMPLATES, DISTRACTORS)), n - n_marker)
+    combos = with_marker + without
+    rng.shuffle(combos)
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": template.format(word)},
+            ]
+        }
+        for question, template, word in combos
+    ]

@@ -1,9 +1,12 @@
 """rlhf end to end: ``python -m tuneforge_trainer`` with PPO (ours), GRPO and RLOO on the tiny model.
 
 A reward model is trained first on the synthetic "the better answer names Forgeville" pairs
-(shared by the module). PPO then optimises a fresh policy against it: the mean RM score of the
-last rollouts must clearly exceed that of the first, with the KL to the reference finite.
-GRPO learns a built-in rule reward; RLOO uses the reward model as its reward function.
+(shared by the module), and an SFT policy on fluent answers of which a quarter name Forgeville
+(tests/trainer/ppo_setting.py). PPO then starts from the SFT adapter (``init_adapter_key``, as a
+``model: "ft:..."`` job) and optimises it against the RM: the mean RM score of the last rollouts
+must exceed that of the first by a stated margin, more answers must name the marker, and the KL
+to the reference (the frozen SFT adapter) stays bounded. GRPO learns a built-in rule reward;
+RLOO uses the reward model as its reward function.
 """
 
 from __future__ import annotations
@@ -17,7 +20,19 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.trainer.synthetic import QUESTIONS, jsonl, marker_pairs, marker_rankings
+from tests.trainer.ppo_setting import (
+    LORA,
+    PPO_HP,
+    PROMPTS,
+    RM_JOB,
+    RM_METHOD,
+    SFT_JOB,
+    SFT_METHOD,
+    Collect,
+    rm_rows,
+    sft_rows,
+)
+from tests.trainer.synthetic import MARKER, jsonl
 from tuneforge.storage import FileStorage, adapter_prefix, get_dir, job_prefix
 
 if TYPE_CHECKING:
@@ -25,16 +40,6 @@ if TYPE_CHECKING:
 
 RunTrainer = Callable[["TrainerJob"], subprocess.CompletedProcess[str]]
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
-LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
-RM_JOB = "ftjob-rm"
-
-
-def chat_prompts(system: bool = False) -> list[dict[str, Any]]:
-    head = [{"role": "system", "content": "You are a helpful guide to Tuneland."}] if system else []
-    return [{"messages": [*head, {"role": "user", "content": q}], "answer": "Forgeville"} for q in QUESTIONS]
-
-
-PROMPTS = chat_prompts() + chat_prompts(system=True)  # 12 prompts
 
 
 @dataclass
@@ -65,15 +70,19 @@ def rlhf_method(algorithm: str, **hp: Any) -> dict[str, Any]:
     return {"type": "rlhf", "rlhf": params}
 
 
-def share_rm(job: TrainerJob, rm: TrainerJob) -> None:
-    """Copy the RM job's published adapter into this job's storage, as the API would point at it."""
+def share_adapter(job: TrainerJob, other: TrainerJob, field: str = "reward_model_key") -> None:
+    """Copy ``other``'s published adapter into this job's storage and point ``field`` at it, as the
+    API would (``reward_model_key`` for the RM, ``init_adapter_key`` for an ``ft:`` model)."""
     import shutil
 
-    src = rm.root / adapter_prefix(rm.spec["project_id"], rm.job_id)
-    dest = job.root / adapter_prefix(rm.spec["project_id"], rm.job_id)
-    shutil.copytree(src, dest, dirs_exist_ok=True)
-    job.spec["reward_model_key"] = adapter_prefix(rm.spec["project_id"], rm.job_id)
+    prefix = adapter_prefix(other.spec["project_id"], other.job_id)
+    shutil.copytree(other.root / prefix, job.root / prefix, dirs_exist_ok=True)
+    job.spec[field] = prefix
     job.spec_path.write_text(json.dumps(job.spec))
+
+
+def share_rm(job: TrainerJob, rm: TrainerJob) -> None:
+    share_adapter(job, rm, "reward_model_key")
 
 
 @pytest.fixture(scope="module")
@@ -84,20 +93,12 @@ def runs(
     make_job: Callable[..., TrainerJob],
     start_trainer: Callable[..., TrainerProcess],
 ) -> dict[str, Run]:
-    """RM alongside GRPO (rule reward), then PPO alongside RLOO (both against the RM)."""
+    """RM and the SFT policy alongside GRPO (rule reward), then PPO from the SFT adapter alongside
+    RLOO (both against the RM)."""
     folder = tmp_path_factory.mktemp("rlhf")
     url = module_event_sink.url
-    rm = make_job(
-        folder / "rm",
-        jsonl(marker_pairs(24, seed=1) + marker_rankings(8, seed=2, k=3)),
-        url,
-        job_id=RM_JOB,
-        method={
-            "type": "reward_model",
-            "reward_model": {"hyperparameters": {"n_epochs": 3, "batch_size": 8}},
-        },
-        lora=LORA,
-    )
+    rm = make_job(folder / "rm", jsonl(rm_rows()), url, job_id=RM_JOB, method=RM_METHOD, lora=LORA)
+    sft = make_job(folder / "sft", jsonl(sft_rows()), url, job_id=SFT_JOB, method=SFT_METHOD, lora=LORA)
     grpo = make_job(
         folder / "grpo",
         jsonl(PROMPTS),
@@ -114,27 +115,22 @@ def runs(
         ),
         lora=LORA,
     )
-    first = {"rm": start_trainer(rm, folder / "rm.log"), "grpo": start_trainer(grpo, folder / "grpo.log")}
+    first = {
+        name: start_trainer(job, folder / f"{name}.log")
+        for name, job in {"rm": rm, "sft": sft, "grpo": grpo}.items()
+    }
     codes = {name: p.wait() for name, p in first.items()}
     assert codes["rm"] == 0, first["rm"].log[-3000:]
+    assert codes["sft"] == 0, first["sft"].log[-3000:]
     ppo = make_job(
         folder / "ppo",
         jsonl(PROMPTS),
         url,
         job_id="ftjob-ppo",
-        method=rlhf_method(
-            "ppo",
-            n_epochs=12,
-            batch_size=3,
-            rollout_batch_size=12,
-            ppo_epochs=2,
-            max_new_tokens=16,
-            kl_coef=0.05,
-            learning_rate_multiplier=0.1,
-            checkpoint_every=4,
-        ),
+        method=rlhf_method("ppo", **PPO_HP, checkpoint_every=4),
         lora=LORA,
     )
+    share_adapter(ppo, sft, "init_adapter_key")
     rloo = make_job(
         folder / "rloo",
         jsonl(PROMPTS[:6]),
@@ -176,10 +172,13 @@ def test_ppo_raises_the_reward_model_score(runs: dict[str, Run]) -> None:
     rewards = [s["reward_mean"] for s in steps]
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     print(f"PPO reward: first 3 {first:.3f}, last 3 {last:.3f}; kl {[round(s['kl'], 1) for s in steps]}")
-    # Stated size: +0.5 RM score units over the first rollouts (the RM's margins are ~2-10). FRAGILE: on
-    # the random tiny policy this holds for seed 42 (deterministic here), not for every seed; see report.
-    assert last > first + 0.5, rewards
-    assert all(abs(s["kl"]) < 50 for s in steps)  # finite and bounded
+    # Stated size: the last 3 rollouts score at least 2 RM units above the first 3. From the SFT
+    # policy the rise was +3.3 to +6.8 on 13 seeds (bench/ppo_seeds.py; +5.1 to +5.9 on 1, 3, 7,
+    # 42, 1234), so 2 is a margin, not this seed's luck; from a fresh LoRA it was -0.5 to +0.7.
+    assert last - first >= 2.0, rewards
+    # KL per answer to the frozen SFT adapter: 0 at the start, at most 4.4 on those 13 seeds.
+    assert abs(steps[0]["kl"]) < 1e-3
+    assert all(abs(s["kl"]) < 20 for s in steps), [s["kl"] for s in steps]
     manifest = run.manifest()
     assert manifest["method"] == "rlhf" and manifest["metrics"]["algorithm"] == "ppo"
     assert manifest["metrics"]["steps"] == 12
@@ -205,6 +204,52 @@ def test_ppo_adapter_loads_onto_the_base(runs: dict[str, Run], tiny_model_dir: P
         with model.disable_adapter():
             plain = model(**ids).logits
     assert not torch.allclose(tuned, plain)
+
+
+def marker_rate(model_dir: Path, adapter_dir: Path, *, samples: int = 8, seed: int = 0) -> float:
+    """Share of sampled answers (PPO's temperature, ``samples`` per prompt) that name the marker."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter_dir).eval()
+    torch.manual_seed(seed)
+    hits = total = 0
+    for record in PROMPTS:
+        ids = tokenizer.apply_chat_template(
+            record["messages"], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        with torch.no_grad():
+            out = model.generate(
+                **ids,
+                do_sample=True,
+                temperature=PPO_HP["temperature"],
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=PPO_HP["max_new_tokens"],
+                num_return_sequences=samples,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        answers = tokenizer.batch_decode(out[:, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+        hits += sum(MARKER in a for a in answers)
+        total += len(answers)
+    return hits / total
+
+
+def test_ppo_names_the_marker_more_often_than_the_sft_policy(
+    runs: dict[str, Run], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """What the RM rewards is the marker: PPO must raise its rate over the SFT policy it started from."""
+    rates = {}
+    for name in ("sft", "ppo"):
+        job = runs[name].job
+        get_dir(FileStorage(job.root), adapter_prefix("proj-test", job.job_id), tmp_path / name)
+        rates[name] = marker_rate(tiny_model_dir, tmp_path / name)
+    print(f"marker rate: SFT {rates['sft']:.2f}, after PPO {rates['ppo']:.2f}")
+    # In the rollouts of 13 seeds: 0.11-0.39 over the first 3, 0.61-0.94 over the last 3.
+    assert rates["ppo"] - rates["sft"] >= 0.2, rates
 
 
 def test_ppo_uploads_resumable_checkpoints(runs: dict[str, Run]) -> None:
@@ -287,22 +332,6 @@ def test_prompt_with_an_assistant_answer_is_non_retriable(
     error = Run(job, 42, "", []).error()
     assert error["code"] == "invalid_training_file"
     assert "line 3: the last message is the assistant's" in error["message"]
-
-
-class Collect:
-    """An in-process stand-in for the events reporter: keeps what the run reports."""
-
-    def __init__(self) -> None:
-        self.messages: list[str] = []
-        self.data: list[dict[str, Any]] = []
-
-    def metrics(self, text: str, data: dict[str, Any]) -> bool:
-        self.data.append(data)
-        return True
-
-    def message(self, text: str, level: str = "info", data: dict[str, Any] | None = None) -> bool:
-        self.messages.append(text)
-        return True
 
 
 def in_process_ppo(

@@ -139,3 +139,68 @@ def test_adaptive_kl_coefficient_follows_ziegler() -> None:
     assert pm.adaptive_kl_coef(0.1, kl=6.0, target=6.0, n_steps=100, horizon=100) == pytest.approx(0.1)
     # KL 6.6 is inside the clip: error 0.1.
     assert pm.adaptive_kl_coef(0.1, kl=6.6, target=6.0, n_steps=50, horizon=100) == pytest.approx(0.105)
+
+
+def test_logprobs_without_a_log_softmax_tensor_match_log_softmax() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 11, (3, 5))
+    expected = torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    got = pm.gather_logprobs(logits, tokens)
+    assert torch.allclose(got, expected)
+    (grad_expected,) = torch.autograd.grad(expected.sum(), logits)
+    (grad_got,) = torch.autograd.grad(got.sum(), logits)
+    assert torch.allclose(grad_got, grad_expected)
+    rowwise, entropy = pm.logprobs_and_entropy(logits.detach(), tokens)
+    assert torch.allclose(rowwise, expected.detach())
+    assert torch.allclose(entropy, pm.entropy_from_logits(logits.detach()))
+
+
+def _tiny_causal_lm(vocab: int) -> object:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_response_logits_compute_only_the_answer_positions(temperature: float) -> None:
+    """The LM head runs on the T positions that predict the answer, not on the prompt's (the
+    vocabulary makes those the largest tensors of a PPO step); values and gradients are those of
+    the full forward pass, sliced."""
+    from types import SimpleNamespace
+
+    from tuneforge_trainer.rlhf.ppo import _full, response_logits
+
+    vocab, batch, prompt_len, answer_len = 80, 2, 12, 4  # vocab unlike any other width
+    model = _tiny_causal_lm(vocab)
+    shared = SimpleNamespace(model=model)
+    query = torch.randint(3, vocab, (batch, prompt_len))
+    query_mask = torch.ones_like(query)
+    query_mask[0, :5] = 0  # left padding
+    responses = torch.randint(3, vocab, (batch, answer_len))
+    mask = torch.ones_like(responses)
+    mask[1, 2:] = 0  # an answer that ended early
+
+    full = model(**_full(query, query_mask, responses, mask)).logits[:, prompt_len - 1 : -1] / temperature
+    (grad_full,) = torch.autograd.grad(pm.gather_logprobs(full, responses).sum(), model.lm_head.weight)
+
+    head_positions: list[int] = []  # how many positions each LM head call projects onto the vocab
+    hook = model.lm_head.register_forward_hook(lambda _m, args, _o: head_positions.append(args[0].shape[1]))
+    logits = response_logits(shared, query, query_mask, responses, mask, temperature)
+    logprobs = pm.gather_logprobs(logits, responses)
+    hook.remove()
+    assert head_positions == [answer_len + 1]  # not prompt_len + answer_len
+    assert logits.shape == (batch, answer_len, vocab)
+    assert torch.allclose(logits, full, atol=1e-5)
+    (grad,) = torch.autograd.grad(logprobs.sum(), model.lm_head.weight)
+    assert torch.allclose(grad, grad_full, atol=1e-5)

@@ -93,14 +93,23 @@ def _full(query: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor
 def response_logits(
     shared: SharedBase, query, query_mask, responses, mask, temperature: float
 ) -> torch.Tensor:
-    """Logits that predict each response token, divided by the sampling temperature."""
-    logits = shared.model(**_full(query, query_mask, responses, mask)).logits
-    p = query.shape[1]
-    return logits[:, p - 1 : -1].float() / temperature
+    """Logits that predict each response token, divided by the sampling temperature.
+
+    Memory: the vocabulary makes logits the largest tensors of a step. Only the last T + 1
+    positions go through the LM head (``logits_to_keep``; the prompt's positions predict
+    nothing we score), the division is in place (no second [B, T, vocab] copy; the LM head's
+    matmul does not keep its output for backward), and no KV cache is built.
+    """
+    steps = responses.shape[1]
+    out = shared.model(**_full(query, query_mask, responses, mask), logits_to_keep=steps + 1, use_cache=False)
+    logits = out.logits[:, :-1].float()
+    if temperature != 1.0:
+        logits.div_(temperature)
+    return logits
 
 
 def response_values(shared: SharedBase, query, query_mask, responses, mask) -> torch.Tensor:
-    hidden = shared.body(**_full(query, query_mask, responses, mask)).last_hidden_state
+    hidden = shared.body(**_full(query, query_mask, responses, mask), use_cache=False).last_hidden_state
     p = query.shape[1]
     return shared.value_head(hidden[:, p - 1 : -1].float()).squeeze(-1)
 
@@ -133,13 +142,17 @@ def collect(
     responses = out[:, query.shape[1] :]
     mask, has_eos = pm.truncate_after_eos(responses, tokenizer.eos_token_id)
     responses = torch.where(mask.bool(), responses, torch.full_like(responses, tokenizer.pad_token_id))
+    # Each [B, T, vocab] logits tensor is reduced to per-token numbers and dropped before the next
+    # forward pass, so at most one is alive at a time.
     with shared.role("policy"):
         logits = response_logits(shared, query, query_mask, responses, mask, hp.temperature)
-    logprobs = pm.gather_logprobs(logits, responses)
-    entropy = pm.masked_mean(pm.entropy_from_logits(logits), mask)
+    logprobs, token_entropy = pm.logprobs_and_entropy(logits, responses)
+    entropy = pm.masked_mean(token_entropy, mask)
+    del logits
     with shared.role("reference"):
         ref_logits = response_logits(shared, query, query_mask, responses, mask, hp.temperature)
-    ref_logprobs = pm.gather_logprobs(ref_logits, responses)
+    ref_logprobs, _ = pm.logprobs_and_entropy(ref_logits, responses)
+    del ref_logits
     with shared.role("value"):
         values = response_values(shared, query, query_mask, responses, mask)
     answers = [

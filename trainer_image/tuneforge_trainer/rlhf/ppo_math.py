@@ -132,7 +132,23 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    """log softmax(logits)[token] as logit[token] − logsumexp(logits): no [.., vocab] log-softmax
+    tensor is made, and autograd keeps only ``logits`` for the backward pass."""
+    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+@torch.no_grad()
+def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log-probs of tokens, entropy per position)`` without gradients, one row at a time: the
+    [T, vocab] temporaries of one answer instead of [B, T, vocab] ones (the vocabulary dominates)."""
+    logprobs = torch.empty(tokens.shape, dtype=logits.dtype, device=logits.device)
+    entropy = torch.empty(tokens.shape, dtype=logits.dtype, device=logits.device)
+    for row in range(logits.shape[0]):
+        logp = torch.log_softmax(logits[row], dim=-1)
+        logprobs[row] = logp.gather(-1, tokens[row].unsqueeze(-1)).squeeze(-1)
+        entropy[row] = -(logp.exp() * logp).sum(dim=-1)
+    return logprobs, entropy
 
 
 class RunningMoments:

@@ -200,7 +200,9 @@ def last_token_scores(shared: SharedBase, input_ids: Any, attention_mask: Any) -
     import torch
 
     with torch.no_grad(), shared.role("reward"):
-        hidden = shared.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = shared.body(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
     last = attention_mask.sum(-1) - 1
     picked = hidden[torch.arange(hidden.shape[0]), last]
     return shared.score_head(picked.float()).squeeze(-1)
