@@ -7,9 +7,13 @@ Usage: python bench/train_throughput.py [--model 1b|8b] [--steps 30] [--warmup 5
    every runner loads the same weights; LoRA B starts at zero, so step-0 losses must match.
 2. Makes a synthetic token dataset, lengths uniform in 128..2048 (seeded).
 3. Runs each runner in its own process: same LoRA (r=16, all linear layers), AdamW, LR,
-   examples (so real tokens) per step, and gradient-checkpointing policy.
+   max length and examples (so real tokens) per step. trl and unsloth checkpoint activations;
+   tuneforge uses the trainer's own acceleration plan (tuneforge_trainer.acceleration: attention
+   kernel, Liger, checkpointing only when its memory estimate says it must, compile on opt-in),
+   exactly as a job on this card would.
 4. Reports steady-state real tokens/s, time to first step, peak GPU memory, MFU and the
-   step-0 loss; with --write, appends the table to bench/RESULTS.md with the card and the date.
+   step-0 loss (tuneforge's row also carries its plan and memory estimate in the JSON line);
+   with --write, appends the table to bench/RESULTS.md with the card and the date.
 
 Without a GPU it says so and exits 0. The pure parts (FLOP formula, MFU, data generator) sit at
 the top of this file without heavy imports; tests/bench/test_train_throughput_pure.py tests them.
@@ -210,6 +214,7 @@ def run_one(opts: Options) -> dict[str, Any]:
                 losses.append(float(logs["loss"]))
 
     trainer = _make_trainer(opts, dataset, Timer())
+    plan = getattr(trainer, "tuneforge_plan", None)
     torch.cuda.reset_peak_memory_stats()
     trainer.train()
     # Sequential sampling (the data is random already): step k trains examples k*B..(k+1)*B-1 in
@@ -223,7 +228,7 @@ def run_one(opts: Options) -> dict[str, Any]:
     flops = sum(step_flops(dims, per_step[i], lora=True) for i in steady)
     tokens = sum(sum(per_step[i]) for i in steady)
     peak = peak_flops_for(torch.cuda.get_device_name(0)) or float("nan")
-    return {
+    row = {
         "runner": opts.runner,
         "tokens_per_second": tokens / seconds,
         "time_to_first_step": step_ends[0] - started,
@@ -231,6 +236,60 @@ def run_one(opts: Options) -> dict[str, Any]:
         "mfu": mfu(flops, seconds, peak),
         "step0_loss": losses[0] if losses else float("nan"),
     }
+    if plan is not None:  # so a GPU run can hold the memory estimate against the measured peak
+        row.update(acceleration=plan.summary(), **plan.as_data())
+    return row
+
+
+def tuneforge_spec(precision: str) -> Any:
+    """The JobSpec the tuneforge runner trains: the benchmark's LoRA on one GPU."""
+    from tuneforge.types import JobSpec
+
+    return JobSpec.model_validate(
+        {
+            "job_id": "bench",
+            "project_id": "bench",
+            "attempt": 1,
+            "base_model": "bench",
+            "method": {"type": "supervised"},
+            "lora": {"r": LORA_R, "alpha": 2 * LORA_R, "dropout": 0.0},
+            "quantization": "nf4" if precision == "nf4" else None,
+            "resources": {"gpus": 1},
+            "training_file_key": "k",
+            "storage_uri": "file:///tmp",
+            "api_base_url": "http://127.0.0.1:9",
+        }
+    )
+
+
+def tuneforge_config(
+    spec: Any, common: dict[str, Any], n_examples: int, environment: Any, shape: Any
+) -> tuple[dict[str, Any], Any]:
+    """``(SFTConfig kwargs, acceleration plan)``: Tuneforge's own mapping and plan for this machine,
+    held to the benchmark's steps, batch, LR, seed, sampling and max length."""
+    from tuneforge_trainer import acceleration as accel
+    from tuneforge_trainer import config_mapping as cm
+
+    hp = cm.resolve_hyperparameters(spec.method.params.hyperparameters, n_examples)
+    batch = common["per_device_train_batch_size"]
+    plan = accel.plan_acceleration(
+        spec,
+        environment,
+        shape=shape,
+        batch_tokens=accel.batch_tokens_for(spec, batch, common["max_length"]),
+    )
+    kwargs = cm.sft_config_kwargs(
+        spec,
+        hp,
+        output_dir=common["output_dir"],
+        data_format="prompt_completion",
+        max_length=common["max_length"],
+        acceleration=plan,
+    )
+    held = ("max_steps", "per_device_train_batch_size", "learning_rate", "seed", "train_sampling_strategy")
+    kwargs.update({k: common[k] for k in held})
+    kwargs.update(completion_only_loss=None, save_strategy="no", eval_strategy="no", logging_steps=1)
+    return kwargs, plan
 
 
 def _make_trainer(opts: Options, dataset: Any, timer: Any) -> Any:
@@ -247,7 +306,7 @@ def _make_trainer(opts: Options, dataset: Any, timer: Any) -> Any:
         "learning_rate": LEARNING_RATE,
         "optim": "adamw_torch",
         "bf16": True,
-        "gradient_checkpointing": True,  # the same policy for every runner
+        "gradient_checkpointing": True,  # trl and unsloth; tuneforge follows its acceleration plan
         "logging_steps": 1,
         "save_strategy": "no",
         "report_to": "none",
@@ -257,40 +316,20 @@ def _make_trainer(opts: Options, dataset: Any, timer: Any) -> Any:
     }
     lora = {"r": LORA_R, "lora_alpha": 2 * LORA_R, "lora_dropout": 0.0, "target_modules": "all-linear"}
     if opts.runner == "tuneforge":
-        from tuneforge.types import JobSpec
+        from tuneforge_trainer import acceleration as accel
         from tuneforge_trainer import config_mapping as cm
 
-        spec = JobSpec.model_validate(
-            {
-                "job_id": "bench",
-                "project_id": "bench",
-                "attempt": 1,
-                "base_model": "bench",
-                "method": {"type": "supervised"},
-                "lora": {"r": LORA_R, "alpha": 2 * LORA_R, "dropout": 0.0},
-                "quantization": "nf4" if qlora else None,
-                "resources": {"gpus": 1},
-                "training_file_key": "k",
-                "storage_uri": "file:///tmp",
-                "api_base_url": "http://127.0.0.1:9",
-            }
+        spec = tuneforge_spec(opts.precision)
+        kwargs, plan = tuneforge_config(
+            spec,
+            common,
+            len(dataset),
+            accel.detect_environment(),
+            accel.read_model_shape(Path(opts.model_dir)),
         )
-        hp = cm.resolve_hyperparameters(spec.method.params.hyperparameters, len(dataset))
-        kwargs = cm.sft_config_kwargs(
-            spec, hp, output_dir=common["output_dir"], data_format="prompt_completion"
-        )
-        # Tuneforge's own mapping, held to the benchmark's step count, batch, LR and checkpointing.
-        held = (
-            "max_steps",
-            "per_device_train_batch_size",
-            "learning_rate",
-            "seed",
-            "train_sampling_strategy",
-        )
-        kwargs.update({k: common[k] for k in held})
-        kwargs.update(completion_only_loss=None, save_strategy="no", eval_strategy="no", logging_steps=1)
+        print(plan.summary(), file=sys.stderr, flush=True)
         quant = cm.quantization_config_kwargs(spec)
-        return SFTTrainer(
+        trainer = SFTTrainer(
             model=opts.model_dir,
             args=SFTConfig(**kwargs),
             train_dataset=dataset,
@@ -299,6 +338,8 @@ def _make_trainer(opts: Options, dataset: Any, timer: Any) -> Any:
             quantization_config=BitsAndBytesConfig(**quant) if quant else None,
             callbacks=[timer],
         )
+        trainer.tuneforge_plan = plan
+        return trainer
     if opts.runner == "unsloth":
         from unsloth import FastLanguageModel
 

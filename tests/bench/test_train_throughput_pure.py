@@ -115,3 +115,65 @@ def test_without_a_gpu_it_says_so_and_exits_0(capsys: pytest.CaptureFixture[str]
     out = capsys.readouterr().out
     assert "no GPU available" in out
     assert "FLOPs/step" in out
+
+
+def bench_common(batch: int = 8) -> dict[str, object]:
+    return {
+        "output_dir": "/tmp/bench-out",
+        "max_steps": 30,
+        "per_device_train_batch_size": batch,
+        "learning_rate": bench.LEARNING_RATE,
+        "seed": 0,
+        "train_sampling_strategy": "sequential",
+        "max_length": bench.MAX_LEN,
+    }
+
+
+def bench_shape(key: str) -> object:
+    from transformers import LlamaConfig
+
+    from tuneforge_trainer.acceleration import ModelShape
+
+    dims = bench.MODELS[key]
+    config = LlamaConfig(  # what build_model saves as config.json
+        vocab_size=dims.vocab,
+        hidden_size=dims.hidden,
+        intermediate_size=dims.intermediate,
+        num_hidden_layers=dims.layers,
+        num_attention_heads=dims.heads,
+        num_key_value_heads=dims.kv_heads,
+        tie_word_embeddings=dims.tied,
+    )
+    shape = ModelShape.from_config(config.to_dict())
+    assert shape is not None and shape.total_params == bench.total_params(dims)
+    return shape
+
+
+def test_tuneforge_runner_trains_with_the_trainers_acceleration_plan() -> None:
+    from tuneforge_trainer.acceleration import Environment
+
+    h100 = Environment(
+        cuda=True,
+        compute_capability=(9, 0),
+        gpu_memory_bytes=80 * 2**30,
+        flash_attn="2.8.3.post2",
+        liger_kernel="0.8.5",
+    )
+    spec = bench.tuneforge_spec("nf4")
+    kwargs, plan = bench.tuneforge_config(spec, bench_common(), 240, h100, bench_shape("1b"))
+    assert kwargs["model_init_kwargs"] == {"dtype": "bfloat16", "attn_implementation": "flash_attention_2"}
+    assert kwargs["use_liger_kernel"] is True
+    assert kwargs["gradient_checkpointing"] is False  # 1B QLoRA, 8 x 2048 tokens fits an H100
+    assert plan.summary().startswith("acceleration: flash_attention_2")
+    # Held to the benchmark's settings, the max length included (the mapping's default is 1024).
+    assert kwargs["max_length"] == bench.MAX_LEN == 2048
+    common = bench_common()
+    assert {k: kwargs[k] for k in ("max_steps", "per_device_train_batch_size", "learning_rate")} == {
+        k: common[k] for k in ("max_steps", "per_device_train_batch_size", "learning_rate")
+    }
+    # The 8B does not fit without checkpointing; a machine without the kernels gets sdpa, no Liger.
+    kwargs, _ = bench.tuneforge_config(spec, bench_common(), 240, h100, bench_shape("8b"))
+    assert kwargs["gradient_checkpointing"] is True
+    bare = Environment(cuda=True, compute_capability=(9, 0), gpu_memory_bytes=80 * 2**30)
+    kwargs, _ = bench.tuneforge_config(spec, bench_common(), 240, bare, bench_shape("1b"))
+    assert "attn_implementation" not in kwargs["model_init_kwargs"] and "use_liger_kernel" not in kwargs

@@ -8,10 +8,13 @@ config lives in ``deepspeed_mapping`` (same rules).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from tuneforge.types import Hyperparameters, JobSpec, MethodType
 from tuneforge_trainer.tiny_model import TINY_MODEL_ID
+
+if TYPE_CHECKING:  # acceleration imports this module
+    from tuneforge_trainer.acceleration import AccelerationPlan
 
 DataFormat = Literal["messages", "prompt_completion"]
 AdapterKind = Literal["lora", "full"]
@@ -132,11 +135,16 @@ def quantization_config_kwargs(spec: JobSpec, *, zero_stage: int | None = None) 
     return None
 
 
-def model_init_kwargs(spec: JobSpec, *, distributed: bool = False) -> dict[str, Any]:
-    """Arguments for ``from_pretrained`` of the base model (TRL's ``model_init_kwargs``)."""
+def model_init_kwargs(
+    spec: JobSpec, *, distributed: bool = False, acceleration: AccelerationPlan | None = None
+) -> dict[str, Any]:
+    """Arguments for ``from_pretrained`` of the base model (TRL's ``model_init_kwargs``); the
+    acceleration plan adds the attention implementation it chose."""
     kwargs: dict[str, Any] = {"dtype": compute_dtype(spec)}
     if on_cpu(spec) and not distributed:  # accelerate/DeepSpeed place the model when distributed
         kwargs["device_map"] = "cpu"
+    if acceleration is not None:
+        kwargs.update(acceleration.model_init_kwargs())
     return kwargs
 
 
@@ -169,8 +177,13 @@ def training_args_kwargs(
     has_eval: bool = False,
     deepspeed: dict[str, Any] | None = None,
     distributed: bool = False,
+    acceleration: AccelerationPlan | None = None,
 ) -> dict[str, Any]:
-    """What every method's TRL config shares (they all extend ``transformers.TrainingArguments``)."""
+    """What every method's TRL config shares (they all extend ``transformers.TrainingArguments``).
+
+    ``acceleration`` (``acceleration.plan_acceleration``) sets attention, Liger, checkpointing and
+    compile; without one, GPU runs checkpoint and use the libraries' defaults, as before.
+    """
     cpu = on_cpu(spec)
     kwargs: dict[str, Any] = {
         "output_dir": output_dir,
@@ -193,12 +206,15 @@ def training_args_kwargs(
         "bf16": not cpu,
         "fp16": False,
         "gradient_checkpointing": not cpu,
-        "model_init_kwargs": model_init_kwargs(spec, distributed=distributed),
+        "model_init_kwargs": model_init_kwargs(spec, distributed=distributed, acceleration=acceleration),
         **schedule_kwargs(spec, has_eval=has_eval),
     }
+    if acceleration is not None:
+        kwargs.update(acceleration.training_args_kwargs())
     if deepspeed is not None:
         kwargs["deepspeed"] = deepspeed
-        if (deepspeed.get("zero_optimization") or {}).get("stage") == 3 and not cpu:
+        zero3 = (deepspeed.get("zero_optimization") or {}).get("stage") == 3
+        if zero3 and not cpu and kwargs["gradient_checkpointing"]:
             # peft + ZeRO-3 needs reentrant checkpointing (TRL forces it too; say it here, visibly).
             kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": True}
     if distributed and cpu:

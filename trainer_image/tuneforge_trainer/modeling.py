@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneforge.types import JobSpec, MethodType
 from tuneforge_trainer.config_mapping import (
@@ -22,6 +22,9 @@ from tuneforge_trainer.config_mapping import (
     quantization_config_kwargs,
 )
 from tuneforge_trainer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tuneforge_trainer.acceleration import AccelerationPlan
 
 
 def load_tokenizer(spec: JobSpec, base_model_dir: Path, *, chat: bool) -> Any:
@@ -72,6 +75,7 @@ def model_and_lora(
     init_adapter_dir: Path | None = None,
     quantization: Any = None,
     distributed: bool = False,
+    acceleration: AccelerationPlan | None = None,
 ) -> tuple[Any, Any]:
     """``(model, peft_config)`` for a TRL trainer: ``(folder, LoraConfig)`` or ``(PeftModel, None)``;
     ``(folder, None)`` for full fine-tuning, where TRL trains every weight of the loaded base."""
@@ -91,7 +95,7 @@ def model_and_lora(
         return str(base_model_dir), LoraConfig(**lora)
     _check_adapter_matches(init_adapter_dir, lora["task_type"])
     return load_with_adapter(
-        spec, base_model_dir, tokenizer, init_adapter_dir, quantization, distributed
+        spec, base_model_dir, tokenizer, init_adapter_dir, quantization, distributed, acceleration
     ), None
 
 
@@ -102,13 +106,14 @@ def load_with_adapter(
     adapter_dir: Path,
     quantization: Any = None,
     distributed: bool = False,
+    acceleration: AccelerationPlan | None = None,
 ) -> Any:
     import torch
     from peft import PeftModel, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
 
     set_seed(spec.seed)
-    kwargs = dict(model_init_kwargs(spec, distributed=distributed))
+    kwargs = dict(model_init_kwargs(spec, distributed=distributed, acceleration=acceleration))
     kwargs["dtype"] = getattr(torch, kwargs["dtype"])
     if quantization is not None:
         kwargs["quantization_config"] = quantization

@@ -40,13 +40,15 @@ def prepare_pair_run(
     data, eval_data = one_schema(data, eval_data)
     tokenizer = load_tokenizer(spec, ctx.base_model_dir, chat=data.format == "conversational")
     hp = resolve_hyperparameters(spec.method.params.hyperparameters, len(data))
+    max_length = max_length_for(ctx.base_model_dir)
+    plan = ctx.acceleration(batch_size=hp.batch_size, max_length=max_length)
     config = config_kwargs(
         spec,
         hp,
-        max_length=max_length_for(ctx.base_model_dir),
-        **ctx.config_kwargs(has_eval=eval_data is not None),
+        max_length=max_length,
+        **ctx.config_kwargs(has_eval=eval_data is not None, acceleration=plan),
     )
-    model, peft_config, quantization = ctx.model_and_lora(tokenizer)
+    model, peft_config, quantization = ctx.model_and_lora(tokenizer, plan)
     progress = ProgressCallback(ctx.reporter)
     trainer_kwargs = dict(
         train_dataset=Dataset.from_list(data.records),

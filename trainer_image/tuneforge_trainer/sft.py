@@ -62,14 +62,16 @@ def build_sft_trainer(
     spec = ctx.spec
     tokenizer = load_tokenizer(spec, ctx.base_model_dir, chat=data.format == "messages")
     hp = resolve_hyperparameters(spec.method.params.hyperparameters, len(data))
+    max_length = max_length_for(ctx.base_model_dir, sft_options(spec).max_seq_length)
+    plan = ctx.acceleration(batch_size=hp.batch_size, max_length=max_length)
     kwargs = sft_config_kwargs(
         spec,
         hp,
         data_format=data.format,
-        max_length=max_length_for(ctx.base_model_dir, sft_options(spec).max_seq_length),
-        **ctx.config_kwargs(has_eval=eval_data is not None),
+        max_length=max_length,
+        **ctx.config_kwargs(has_eval=eval_data is not None, acceleration=plan),
     )
-    model, peft_config, quantization = ctx.model_and_lora(tokenizer)
+    model, peft_config, quantization = ctx.model_and_lora(tokenizer, plan)
     trainer = counting_sft_trainer_class()(
         model=model,
         args=SFTConfig(**current_names(kwargs, SFTConfig)),

@@ -11,12 +11,15 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneforge.storage import Storage
 from tuneforge.types import JobSpec
 from tuneforge_trainer.config_mapping import ResolvedHyperparameters
 from tuneforge_trainer.events import EventReporter
+
+if TYPE_CHECKING:
+    from tuneforge_trainer.acceleration import AccelerationPlan, Environment
 
 
 @dataclass
@@ -42,6 +45,7 @@ class RunContext:
     deepspeed: dict[str, Any] | None = None
     distributed: bool = False
     zero_stage: int | None = None
+    environment: Environment | None = None  # the machine's facts; detected on first use when None
 
     @property
     def output_dir(self) -> Path:
@@ -51,7 +55,26 @@ class RunContext:
     def adapter_dir(self) -> Path:
         return self.work_dir / "adapter"
 
-    def model_and_lora(self, tokenizer: Any) -> tuple[Any, Any, Any]:
+    def acceleration(self, *, batch_size: int, max_length: int) -> AccelerationPlan:
+        """This run's speed features (``acceleration.plan_acceleration``), announced once by rank 0."""
+        from tuneforge_trainer import acceleration as accel
+        from tuneforge_trainer.config_mapping import on_cpu
+
+        if self.environment is None:  # a CPU job needs no probing of GPUs or kernel packages
+            self.environment = accel.CPU_ENVIRONMENT if on_cpu(self.spec) else accel.detect_environment()
+        plan = accel.plan_acceleration(
+            self.spec,
+            self.environment,
+            shape=accel.read_model_shape(self.base_model_dir),
+            batch_tokens=accel.batch_tokens_for(self.spec, batch_size, max_length),
+            zero_stage=self.zero_stage,
+        )
+        _announce(self, plan)
+        return plan
+
+    def model_and_lora(
+        self, tokenizer: Any, acceleration: AccelerationPlan | None = None
+    ) -> tuple[Any, Any, Any]:
         """``(model, peft_config, quantization)`` for this run's TRL trainer; see
         ``modeling.model_and_lora``."""
         from tuneforge_trainer.modeling import bnb_config, model_and_lora
@@ -66,17 +89,35 @@ class RunContext:
             init_adapter_dir=self.init_adapter_dir,
             quantization=quantization,
             distributed=self.distributed,
+            acceleration=acceleration,
         )
         return model, peft_config, quantization
 
-    def config_kwargs(self, *, has_eval: bool) -> dict[str, Any]:
+    def config_kwargs(
+        self, *, has_eval: bool, acceleration: AccelerationPlan | None = None
+    ) -> dict[str, Any]:
         """The run-dependent arguments of every ``*_config_kwargs`` mapping."""
-        return {
+        kwargs: dict[str, Any] = {
             "output_dir": str(self.output_dir),
             "has_eval": has_eval,
             "deepspeed": self.deepspeed,
             "distributed": self.distributed,
         }
+        if acceleration is not None:
+            kwargs["acceleration"] = acceleration
+        return kwargs
+
+
+def _announce(ctx: RunContext, plan: AccelerationPlan) -> None:
+    """The plan's one line, in the log and as an event, so users see which kernels ran."""
+    from tuneforge_trainer import launch
+
+    if launch.rank() != 0:
+        return
+    text = plan.summary()
+    print(f"[tuneforge-trainer] {text}", flush=True)
+    if ctx.reporter is not None:
+        ctx.reporter.message(text, data=plan.as_data())
 
 
 def _init_deepspeed_comm(spec: JobSpec) -> None:

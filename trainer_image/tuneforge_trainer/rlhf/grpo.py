@@ -33,16 +33,21 @@ RL_METRICS = {
 }
 
 
+def group_batch_size(hp: ResolvedHyperparameters, rl: RlhfHyperparameters) -> int:
+    """Answers per micro-batch: whole groups of ``num_generations``, at least ``batch_size``."""
+    return max(1, math.ceil(hp.batch_size / rl.num_generations)) * rl.num_generations
+
+
 def group_config_kwargs(
     spec: JobSpec, hp: ResolvedHyperparameters, *, output_dir: str, **common: Any
 ) -> dict[str, Any]:
     """Arguments for ``trl.GRPOConfig`` / ``trl.RLOOConfig`` (pure; no torch)."""
     rl: RlhfHyperparameters = spec.method.rlhf.hyperparameters  # type: ignore[union-attr]
     kwargs = training_args_kwargs(spec, hp, output_dir=output_dir, **common)
-    groups = max(1, math.ceil(hp.batch_size / rl.num_generations))
+    batch = group_batch_size(hp, rl)
     kwargs.update(
-        per_device_train_batch_size=groups * rl.num_generations,
-        per_device_eval_batch_size=groups * rl.num_generations,
+        per_device_train_batch_size=batch,
+        per_device_eval_batch_size=batch,
         num_generations=rl.num_generations,
         max_completion_length=rl.max_new_tokens,
         temperature=rl.temperature,
@@ -93,14 +98,20 @@ def train_group_rl(ctx: RunContext, data: PromptData, reward_fn: Any, tokenizer:
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     from tuneforge_trainer.config_mapping import resolve_hyperparameters
+    from tuneforge_trainer.modeling import max_length_for
     from tuneforge_trainer.sft import current_names
 
     spec = ctx.spec
     algorithm = spec.method.rlhf.algorithm  # type: ignore[union-attr]
     config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if algorithm == "grpo" else (RLOOConfig, RLOOTrainer)
     hp = resolve_hyperparameters(spec.method.params.hyperparameters, len(data))
-    kwargs = group_config_kwargs(spec, hp, **ctx.config_kwargs(has_eval=False))
-    model, peft_config, quantization = ctx.model_and_lora(tokenizer)
+    rl: RlhfHyperparameters = spec.method.rlhf.hyperparameters  # type: ignore[union-attr]
+    # A prompt and its answer stay within the default length: the plan needs only a bound.
+    plan = ctx.acceleration(
+        batch_size=group_batch_size(hp, rl), max_length=max_length_for(ctx.base_model_dir)
+    )
+    kwargs = group_config_kwargs(spec, hp, **ctx.config_kwargs(has_eval=False, acceleration=plan))
+    model, peft_config, quantization = ctx.model_and_lora(tokenizer, plan)
     progress = RlProgressCallback(ctx.reporter)
     trainer = trainer_cls(
         model=model,
