@@ -68,6 +68,7 @@ class UploadForm:
         self._writing: asyncio.Future[None] | None = None  # the batch being written, at most one
         self._lock = threading.Lock()  # held by a write; close() waits for it
         self._closed = False
+        self._ended = False  # the closing boundary was seen
         self._part = _Part()
         self._header_name = self._header_value = b""
         self._files = self._fields = 0
@@ -81,6 +82,7 @@ class UploadForm:
             "on_header_value": self._on_header_value,
             "on_header_end": self._on_header_end,
             "on_headers_finished": self._on_headers_finished,
+            "on_end": self._on_end,
         }
         self._parser = MultipartParser(params[b"boundary"], callbacks)
 
@@ -89,7 +91,9 @@ class UploadForm:
             self._parser.write(chunk)
             if len(self._pending) >= SPOOL_BATCH:
                 await self._write_behind()
-        self._parser.finalize()
+        self._parser.finalize()  # checks nothing (python-multipart): the closing boundary is ours to see
+        if not self._ended:  # a body cut short (a short Content-Length, a dropped chunked stream)
+            raise FormError("The form ends before its closing boundary.")
         if self.file is not None:
             await self._write_behind()
             await self._writing  # type: ignore[misc]
@@ -144,6 +148,9 @@ class UploadForm:
         if len(self._part.data) + end - start > MAX_FIELD_BYTES:
             raise FormError("A form field exceeds 1 MiB.")
         self._part.data += data[start:end]
+
+    def _on_end(self) -> None:
+        self._ended = True
 
     def _on_part_end(self) -> None:
         if not (self._part.is_file or self._part.skip):  # a repeated field: the last one counts

@@ -15,6 +15,7 @@ whatever the number of files.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -73,7 +74,10 @@ async def remove_orphan_files(
                 else:
                     await _remove(services, obj, result)
     finally:
-        pages.close()
+        # A cancelled sweep (the cron's timeout) may leave a next() running on its thread; a
+        # running generator cannot be closed, and is collected when that call returns.
+        with contextlib.suppress(ValueError):
+            pages.close()
     return result
 
 

@@ -158,7 +158,8 @@ def build_worker(settings: SchedulerSettings, scheduler: Scheduler | None = None
             cron(reconcile, second=set(range(0, 60, every)), run_at_startup=True, timeout=120),
             cron(dispatch_webhooks, second=set(range(0, 60, every)), run_at_startup=True, timeout=60),
             cron(purge_idempotency_keys, minute=0, second=30, run_at_startup=True, timeout=120),
-            cron(sweep_storage, minute=30, second=15, run_at_startup=True, timeout=600),
+            # Hourly, so it may take most of the hour on a large store (a listing per project).
+            cron(sweep_storage, minute=30, second=15, run_at_startup=True, timeout=3000),
         ],
         on_startup=on_startup,
         on_shutdown=on_shutdown,

@@ -130,6 +130,7 @@ class FileStorage:
         """Publish a whole spool from ``open_spool`` atomically: synced, then linked under a temp
         name and renamed into place (the spool's own name goes when it is closed)."""
         spool.flush()
+        os.fchmod(spool.fileno(), 0o644)  # a temp file is 0600; objects written by _atomic are 0644
         os.fsync(spool.fileno())
         dest = self._path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -96,7 +96,10 @@ def _sweep_s3(storage: Any, cutoff: datetime) -> SweepResult:
     s3, bucket = storage._s3, storage.bucket
     result = SweepResult()
     stale = []
-    for page in s3.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=storage.prefix):
+    # Only under projects/, where every Tuneforge key lives: with no storage prefix the bucket
+    # may hold other applications' uploads, which are not ours to abort.
+    ours = storage.prefix + "projects/"
+    for page in s3.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=ours):
         for upload in page.get("Uploads", []):
             if upload["Initiated"] <= cutoff:
                 stale.append(upload)

@@ -115,6 +115,41 @@ def test_oversize_chunked_upload_without_length_is_refused(api: Harness) -> None
     assert api.stored_objects() == []
 
 
+def _form(data: bytes, *, closed: bool = True) -> bytes:
+    head = b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+    part = b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.jsonl"\r\n\r\n' + data
+    return head + part + (b"\r\n--b--\r\n" if closed else b"")
+
+
+def test_a_body_cut_before_its_closing_boundary_is_refused(api: Harness) -> None:
+    """A short Content-Length or a dropped chunked stream ends the body early: the file part may
+    look whole, but without the closing boundary nothing says it is, so nothing is stored."""
+    headers = {**auth(ADMIN_KEY), "content-type": "multipart/form-data; boundary=b"}
+    r = api.http.post("/v1/files", content=_form(chat_lines(), closed=False), headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_multipart"
+    assert (
+        api.stored_objects() == [] and api.http.get("/v1/files", headers=auth(ADMIN_KEY)).json()["data"] == []
+    )
+    r = api.http.post("/v1/files", content=_form(chat_lines()), headers=headers)  # the same, whole
+    assert r.status_code == 200, r.text
+
+
+def test_a_storage_failure_while_receiving_is_a_server_error(
+    api: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk is the service's fault: it reaches the app's catch-all handler (a logged 500
+    internal_error; the test client re-raises it), not a 400 telling the client its form is wrong."""
+
+    def full_disk():
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(api.app.state.services.storage, "open_spool", full_disk)
+    headers = {**auth(ADMIN_KEY), "content-type": "multipart/form-data; boundary=b"}
+    with pytest.raises(OSError, match="No space left"):
+        api.http.post("/v1/files", content=_form(chat_lines()), headers=headers)
+    assert api.stored_objects() == []
+
+
 def test_filename_is_display_only(api: Harness) -> None:
     f = api.upload(name="../../etc/pass\x00wd\u202e.jsonl")
     assert "/" not in f["filename"] and "\x00" not in f["filename"] and "\u202e" not in f["filename"]

@@ -127,6 +127,24 @@ def test_spans_are_the_blocks(tmp_path: Path, seed: int) -> None:
     assert any(too_long for _, too_long in blocks)
 
 
+def test_a_worker_reads_only_the_file_being_validated(tmp_path: Path) -> None:
+    """A queued block may run after its descriptor was closed and its number reused: a worker
+    that finds another file there refuses it, and the caller then classifies the block itself."""
+    data = random_file(9, n=300)
+    path, other = tmp_path / "data.jsonl", tmp_path / "other.jsonl"
+    path.write_bytes(data)
+    other.write_bytes(data)
+    limits = Limits(block_bytes=4096)
+    with open(path, "rb") as fh, open(other, "rb") as wrong:
+        found = os.fstat(wrong.fileno())  # the path names `path`, the identity names `other`
+        source = (par.local_file(fh), found.st_dev, found.st_ino)
+        with pytest.raises(OSError, match="no longer the file"):
+            par.classify_span(source, 0, 10, 1, 0)
+        spans = list(iter_spans(fh.fileno(), 0, len(data), limits))
+        results = list(par.classified(iter(spans), 2, 1, 0, source=source))
+    assert [facts for _, _, facts in results] == [None] * len(spans)  # each block left to the caller
+
+
 def test_only_regular_local_files_are_read_by_range(tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_bytes(b"{}\n")

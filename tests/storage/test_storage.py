@@ -99,6 +99,7 @@ def test_a_spool_is_published_whole_and_leaves_no_temp_file(storage: Storage) ->
     assert storage.get_bytes("files/f1") == body and storage.list("") == ["files/f1"]
     if not isinstance(storage, S3Storage):
         assert not any(Path(storage.root, ".tmp").iterdir()), "a temp file was left behind"
+        assert Path(storage.root, "files/f1").stat().st_mode & 0o777 == 0o644  # as _atomic's objects
 
 
 def test_a_spool_is_copied_where_hard_links_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -158,6 +158,16 @@ def test_s3_sweep_aborts_stale_multipart_uploads_under_its_prefix_only(
     assert again.removed == [] and again.kept == 0
 
 
+def test_s3_sweep_without_a_prefix_leaves_other_applications_uploads(s3_bucket: str) -> None:
+    storage = S3Storage(s3_bucket, "", part_size=5 * 1024 * 1024)  # the whole bucket is Tuneforge's root
+    ours = _leave_multipart_upload(s3_bucket, "projects/p/files/file-dead", b"p")
+    theirs = _leave_multipart_upload(s3_bucket, "backups/db.tar", b"b")
+    started = _initiated(s3_bucket, ours)
+    result = sweep_incomplete(storage, DAY, now=started + 2 * DAY)
+    assert result.removed == [f"projects/p/files/file-dead#{ours}"]
+    assert _open_uploads(s3_bucket) == [("backups/db.tar", theirs)]
+
+
 def test_s3_sweep_leaves_a_completed_upload_alone(s3_storage: S3Storage, s3_bucket: str) -> None:
     data = os.urandom(6 * 1024 * 1024)  # above the 5 MiB part size: a completed multipart upload
     s3_storage.put_bytes("small", b"x")

@@ -161,6 +161,11 @@ def test_memory_estimate_terms() -> None:
     assert short.trainable_state == LLAMA_8B.lora_params(16) * 16
     full = make_spec(quantization=None, method={"type": "supervised", "supervised": {"adapter": "full"}})
     assert accel.estimate_memory(full, LLAMA_8B, 1024).trainable_state == LLAMA_8B.total_params * 6
+    # Full DPO also holds TRL's frozen reference copy; LoRA DPO's reference is the base itself.
+    full_dpo = make_spec(quantization=None, method={"type": "dpo", "dpo": {"adapter": "full"}})
+    lora_dpo = make_spec(quantization=None, method={"type": "dpo"})
+    assert accel.estimate_memory(full_dpo, LLAMA_8B, 1024).weights == LLAMA_8B.total_params * 4
+    assert accel.estimate_memory(lora_dpo, LLAMA_8B, 1024).weights == LLAMA_8B.total_params * 2
     # LoRA dropout keeps a copy of each adapted input.
     dropout = make_spec(lora={"r": 16, "dropout": 0.05})
     assert accel.estimate_memory(dropout, LLAMA_8B, 1024).activations > short.activations

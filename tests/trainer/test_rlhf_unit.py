@@ -154,6 +154,10 @@ def test_logprobs_without_a_log_softmax_tensor_match_log_softmax() -> None:
     rowwise, entropy = pm.logprobs_and_entropy(logits.detach(), tokens)
     assert torch.allclose(rowwise, expected.detach())
     assert torch.allclose(entropy, pm.entropy_from_logits(logits.detach()))
+    # The rollout's log-probs equal the update's bit for bit: the first ratio is exactly 1.
+    wide = torch.randn(4, 6, 50_000, dtype=torch.float32) * 8
+    picks = torch.randint(0, 50_000, (4, 6))
+    assert torch.equal(pm.logprobs_and_entropy(wide, picks)[0], pm.gather_logprobs(wide, picks))
 
 
 def _tiny_causal_lm(vocab: int) -> object:

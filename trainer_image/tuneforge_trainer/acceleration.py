@@ -60,7 +60,7 @@ class Environment:
 
     cuda: bool = False
     compute_capability: tuple[int, int] | None = None
-    gpu_memory_bytes: int | None = None  # total memory of one GPU: the pod has it to itself
+    gpu_memory_bytes: int | None = None  # free memory of GPU 0 when the run starts (it may be shared)
     gpu_name: str | None = None
     flash_attn: str | None = None  # version, when the package imports
     liger_kernel: str | None = None  # version, when the package imports
@@ -164,7 +164,8 @@ def estimate_memory(spec: JobSpec, shape: ModelShape, batch_tokens: int) -> Memo
     to fp32, 4 bytes. Unquantized bases are bf16, 2 bytes.
     Trainable state: LoRA adapters are fp32 with fp32 gradients and two AdamW moments, 16 bytes
     per parameter; full fine-tuning keeps bf16 weights, gradients and moments (torch keeps the
-    moments in the parameter's dtype), 8 bytes per parameter, 6 beyond the weights above.
+    moments in the parameter's dtype), 8 bytes per parameter, 6 beyond the weights above; full
+    DPO adds TRL's frozen reference copy, 2 more (with LoRA the reference is the base itself).
     Activations, per token and layer, in bytes (h hidden, kv key/value width, I MLP width,
     b = 4 when quantized since the upcast embedding makes the residual stream fp32, else 2):
     two RMSNorms keep their fp32 input and their output, 2·(4h + b·h); attention keeps q, k, v,
@@ -181,6 +182,8 @@ def estimate_memory(spec: JobSpec, shape: ModelShape, batch_tokens: int) -> Memo
         weights = shape.layer_linear_params * 1.06 + shape.other_params * 4
     else:
         weights = shape.total_params * 2
+    if full and spec.method.type == MethodType.dpo:
+        weights += shape.total_params * 2  # TRL keeps a frozen bf16 copy as the DPO reference
     trainable = shape.total_params * 6 if full else shape.lora_params(spec.lora.r) * 16
 
     h, kv, i = shape.hidden, shape.kv_width, shape.intermediate
@@ -359,10 +362,11 @@ def detect_environment() -> Environment:
     if not torch.cuda.is_available():
         return Environment(compile_requested=requested)
     props = torch.cuda.get_device_properties(0)
+    free, _total = torch.cuda.mem_get_info(0)  # another trainer may share the GPU (local executor)
     return Environment(
         cuda=True,
         compute_capability=(props.major, props.minor),
-        gpu_memory_bytes=int(props.total_memory),
+        gpu_memory_bytes=int(free),
         gpu_name=props.name,
         flash_attn=_importable_version("flash_attn", "flash-attn"),
         liger_kernel=_importable_version("liger_kernel", "liger-kernel"),

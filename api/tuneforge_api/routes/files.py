@@ -108,7 +108,9 @@ async def _receive_form(request: Request, services: Services) -> UploadForm:
         await form.read(request.stream())
     except BaseException as exc:
         form.close()  # not awaited: this may be a cancellation
-        if isinstance(exc, BodyTooLarge) or not isinstance(exc, Exception):
+        # The storage failing (a full disk) is ours, a 5xx that is logged, not the client's 400.
+        storage_failed = isinstance(exc, OSError) and not isinstance(exc, ConnectionError)
+        if isinstance(exc, BodyTooLarge) or storage_failed or not isinstance(exc, Exception):
             raise
         raise ApiError(
             400, "invalid_multipart", "Expected a multipart form with 'file' and 'purpose'."

@@ -94,17 +94,27 @@ def read_span(fd: int, offset: int, stop: int) -> bytes:
 
 
 def classify_span(
-    path: str, offset: int, stop: int, trained_stride: int, sample_stride: int
+    source: Source, offset: int, stop: int, trained_stride: int, sample_stride: int
 ) -> fast.BlockFacts:
-    """``fast.classify`` of bytes ``offset:stop`` of the file at ``path``, in a worker."""
-    fd = os.open(path, os.O_RDONLY)
+    """``fast.classify`` of bytes ``offset:stop`` of the file ``source`` names, in a worker.
+
+    The descriptor behind the path may have been closed, and its number reused, by the time a
+    queued block runs (a validation that failed): a file other than the one validated (its
+    device and inode tell) is refused, and a pipe cannot block the worker (O_NONBLOCK)."""
+    path, device, inode = source
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
+        found = os.fstat(fd)
+        if (found.st_dev, found.st_ino) != (device, inode) or not stat.S_ISREG(found.st_mode):
+            raise OSError(f"{path} is no longer the file being validated")
         block = read_span(fd, offset, stop)
     finally:
         os.close(fd)
     return fast.classify(block, trained_stride, sample_stride)
 
 
+# The path a worker opens (``local_file``) and the device and inode it must find there.
+Source = tuple[str, int, int]
 # A block's bytes, or its (offset, stop) in the file a worker reads by path.
 Payload = bytes | tuple[int, int]
 # (payload, too long, future, the pool the future was sent to)
@@ -116,11 +126,11 @@ def classified(
     workers: int,
     trained_stride: int,
     sample_stride: int,
-    path: str | None = None,
+    source: Source | None = None,
 ) -> Iterator[tuple[Payload, bool, fast.BlockFacts | None]]:
     """``(payload, too_long, facts)`` in file order; facts is None for a too-long line or where
-    the pool failed (the caller then classifies the block itself). A payload is a block's bytes,
-    or with ``path`` (``local_file``), its byte range in that file.
+    the pool or a worker's read failed (the caller then classifies the block itself). A payload
+    is a block's bytes, or with ``source``, its byte range in that file.
 
     Validations share the pool, so a failed future drops only the pool it came from: the
     current one may be a healthy replacement that other validations are using.
@@ -140,13 +150,15 @@ def classified(
             _drop_pool(sent_to)
             pool = _get_pool(workers)
             return payload, too_long, None
+        except OSError:  # the worker could not read the block: the caller reads it itself
+            return payload, too_long, None
 
     def submit(payload: Payload) -> Pending:
         nonlocal pool
         if isinstance(payload, bytes):
             args: tuple = (fast.classify, payload, trained_stride, sample_stride)
         else:
-            args = (classify_span, path, *payload, trained_stride, sample_stride)
+            args = (classify_span, source, *payload, trained_stride, sample_stride)
         for _ in range(2):
             try:
                 return payload, False, pool.submit(*args), pool
@@ -156,9 +168,14 @@ def classified(
                 pool = _get_pool(workers)
         return payload, False, None, None  # the pool keeps failing: classify in-process
 
-    for payload, too_long in blocks:
-        pending.append((payload, True, None, None) if too_long else submit(payload))
-        if len(pending) >= ahead:
+    try:
+        for payload, too_long in blocks:
+            pending.append((payload, True, None, None) if too_long else submit(payload))
+            if len(pending) >= ahead:
+                yield done(pending.popleft())
+        while pending:
             yield done(pending.popleft())
-    while pending:
-        yield done(pending.popleft())
+    finally:  # a validation that stopped early leaves no queued block behind
+        for _, _, future, _ in pending:
+            if future is not None:
+                future.cancel()

@@ -116,7 +116,7 @@ def iter_spans(fd: int, start: int, end: int, limits: Limits) -> Iterator[tuple[
             rest = cut + 1
         pos = stop
         if pos - rest > limits.max_line_bytes:
-            yield (rest, rest + 200), True
+            yield (rest, min(rest + 200, pos)), True
             newline = -1
             while newline < 0 and pos < end:
                 stop = min(pos + size, end)
@@ -203,8 +203,10 @@ class Validator:
             path = parallel.local_file(fh)
             if path is not None:  # the workers read their blocks from the file themselves
                 fd = fh.fileno()
-                spans = iter_spans(fd, fh.tell(), os.fstat(fd).st_size, self.limits)
-                blocks = parallel.classified(spans, self.workers, *strides, path=path)
+                stat = os.fstat(fd)
+                spans = iter_spans(fd, fh.tell(), stat.st_size, self.limits)
+                source = (path, stat.st_dev, stat.st_ino)
+                blocks = parallel.classified(spans, self.workers, *strides, source=source)
             else:
                 blocks = parallel.classified(iter_blocks(fh, self.limits), self.workers, *strides)
         else:

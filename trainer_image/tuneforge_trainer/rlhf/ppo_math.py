@@ -141,11 +141,13 @@ def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log-probs of tokens, entropy per position)`` without gradients, one row at a time: the
-    [T, vocab] temporaries of one answer instead of [B, T, vocab] ones (the vocabulary dominates)."""
+    [T, vocab] temporaries of one answer instead of [B, T, vocab] ones (the vocabulary dominates).
+    The log-probs are computed as ``gather_logprobs`` does (logit − logsumexp), bit for bit, so
+    the first update's probability ratio is exactly 1."""
     logprobs = torch.empty(tokens.shape, dtype=logits.dtype, device=logits.device)
     entropy = torch.empty(tokens.shape, dtype=logits.dtype, device=logits.device)
     for row in range(logits.shape[0]):
-        logp = torch.log_softmax(logits[row], dim=-1)
+        logp = logits[row] - torch.logsumexp(logits[row], dim=-1, keepdim=True)
         logprobs[row] = logp.gather(-1, tokens[row].unsqueeze(-1)).squeeze(-1)
         entropy[row] = -(logp.exp() * logp).sum(dim=-1)
     return logprobs, entropy
