@@ -374,9 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if hasattr(signal, "SIGPIPE"):  # `tuneforge jobs list | head` ends quietly, as other CLIs do
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = build_parser().parse_args(argv)
+    # `tuneforge jobs list | head` ends quietly, as other CLIs do. Never for the server (`up`):
+    # with SIGPIPE's default action, one client hanging up mid-response would kill the process.
+    if hasattr(signal, "SIGPIPE") and args.group != "up":
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if not getattr(args, "needs_client", True):
         return args.run(args, None)
     with Client(base_url=args.base_url, api_key=args.api_key) as client:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import stat
 import uuid
 from pathlib import Path
@@ -40,3 +41,21 @@ def test_first_start_prints_a_key_once_and_saves_it_0600(
         assert e2e.stop_service(second) == 0
     assert "Tuneforge stopped." in second.output()
     assert not os.environ.get("TUNEFORGE_API_KEY")
+
+
+def test_the_server_ignores_sigpipe(tmp_path: Path, redis_url: str, models_cache: Path) -> None:
+    """The CLI restores SIGPIPE's default action so that `tuneforge jobs list | head` ends quietly;
+    `up` must not: a write to a pipe or socket whose other end is gone (a client, a worker process)
+    would then kill the whole service instead of raising in the one request. (A UI test's service
+    died of signal 13 in CI before this.)"""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        pytest.skip("reads the signal mask from /proc (Linux)")
+    svc = e2e.start_service(tmp_path / "home", redis_url, models_cache, f"tf-e2e:{uuid.uuid4().hex}")
+    try:
+        fields = dict(
+            line.split(":", 1) for line in Path(f"/proc/{svc.proc.pid}/status").read_text().splitlines()
+        )
+        assert int(fields["SigIgn"], 16) >> (signal.SIGPIPE - 1) & 1, "SIGPIPE is not ignored"
+    finally:
+        assert e2e.stop_service(svc) == 0, svc.output()
