@@ -393,7 +393,12 @@ class JobValidation(_Response):
     training_file: DryRunFile
     validation_file: DryRunFile | None = None
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
-    estimated_trained_tokens: int | None = Field(None, description="n_epochs x trained tokens per epoch.")
+    estimated_trained_tokens: int | None = Field(
+        None,
+        description="What the job will report as trained_tokens: n_epochs x the file's tokens (every "
+        "non-padding token, prompt included, as OpenAI bills them). The answer tokens that carry "
+        "the loss are training_file.model_stats.trained_tokens, per epoch.",
+    )
     estimate: TimeEstimate | None = None
 
 

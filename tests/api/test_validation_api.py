@@ -218,7 +218,7 @@ def test_dry_run_reports_and_creates_nothing(api: Harness) -> None:
     assert out["training_file"]["validation"]["n_examples"] == 20 and out["validation_file"]["id"] == f["id"]
     stats = out["training_file"]["model_stats"]
     assert out["hyperparameters"]["n_epochs"] == 5  # 20 examples: ceil(100 / 20)
-    assert out["estimated_trained_tokens"] == 5 * stats["trained_tokens"] > 0
+    assert out["estimated_trained_tokens"] == 5 * stats["total_tokens"] > 5 * stats["trained_tokens"] > 0
     estimate = out["estimate"]
     assert estimate["hardware"] == "cpu" and estimate["size_class"] == "tiny" and estimate["seconds"] > 0
     assert "estimate" in estimate["note"]

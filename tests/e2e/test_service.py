@@ -43,6 +43,12 @@ def test_sft_end_to_end(service: Service, models_cache: Path, tmp_path: Path, we
         f"{service.url}/v1/webhooks", json={"url": webhook_receiver.url}, headers=client._headers()
     ).json()
     f = client.files.upload(DATA)
+    body = {
+        "model": TINY,
+        "training_file": f.id,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 4}}},
+    }
+    dry_run = client.jobs.validate(body)
     job = client.create_job(
         model=TINY,
         training_file=f.id,
@@ -56,6 +62,12 @@ def test_sft_end_to_end(service: Service, models_cache: Path, tmp_path: Path, we
     assert job.status == JobStatus.succeeded, [e.message for e in events]
     assert job.fine_tuned_model == f"ft:{TINY}:{job.organization_id}:e2e:{job.id}"
     assert job.trained_tokens and job.trained_tokens > 0 and job.error is None
+    # The dry run's estimate counts what the job counts: every token, prompts included (counting
+    # only answer tokens gave 28 % of the job's figure). It still came out at 1.41x the job's
+    # here (9,474 vs 6,720): the stats count about 49 tokens per example where the trainer sees
+    # about 35; the gap is not pinned down yet, hence the wide margin.
+    estimate = dry_run.estimated_trained_tokens
+    assert estimate and 0.7 <= estimate / job.trained_tokens <= 1.6, (estimate, job.trained_tokens)
     losses = metric_losses(events)
     assert len(losses) >= 3 and losses[-1] < losses[0], losses
     assert events[-1].message == "The job has successfully completed"

@@ -75,7 +75,8 @@ async def validate_job(
     n_epochs = job.hyperparameters.get("n_epochs")
     stats = training.model_stats or {}
     epochs = n_epochs if isinstance(n_epochs, int) else None
-    total_trained = epochs * stats["trained_tokens"] if epochs and "trained_tokens" in stats else None
+    # The job's trained_tokens counts every non-padding token it trains on (TRL's
+    # num_input_tokens_seen, as OpenAI bills), so the estimate does too.
     processed = epochs * stats["total_tokens"] if epochs and "total_tokens" in stats else None
     klass = throughput.size_class(body.model, services.base_models().get(body.model))
     estimate = throughput.estimate(processed, klass, body.resources.gpus, body.resources.nodes)
@@ -86,7 +87,7 @@ async def validate_job(
         training_file=training,
         validation_file=reports[1] if len(reports) > 1 else None,
         hyperparameters=job.hyperparameters,
-        estimated_trained_tokens=total_trained,
+        estimated_trained_tokens=processed,
         estimate=estimate,
     )
 
