@@ -17,6 +17,7 @@ from typing import BinaryIO, Protocol
 from urllib.parse import unquote, urlparse
 
 CHUNK = 1 << 20
+TMP_DIR = ".tmp"  # FileStorage's folder of writes in flight, under its root; never listed
 
 
 def file_key(project_id: str, file_id: str) -> str:
@@ -87,7 +88,7 @@ class FileStorage:
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.root / ".tmp"
+        self._tmp = self.root / TMP_DIR
         self._tmp.mkdir(exist_ok=True)
         self.uri = self.root.as_uri()
 
@@ -136,10 +137,12 @@ class FileStorage:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._tmp / uuid.uuid4().hex
         try:
-            try:
-                os.link(spool.name, tmp)
-            except OSError:  # a filesystem without hard links: one copy instead
-                shutil.copyfile(spool.name, tmp)
+            os.link(spool.name, tmp)
+        except OSError:  # a filesystem without hard links: one copy, written as any other object
+            spool.seek(0)
+            self.put_fileobj(key, spool)
+            return
+        try:
             os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
@@ -166,7 +169,7 @@ class FileStorage:
         if not base.is_dir():
             return []
         keys = (p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file())
-        return sorted(k for k in keys if not k.startswith(".tmp/"))
+        return sorted(k for k in keys if not k.startswith(TMP_DIR + "/"))
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)

@@ -23,12 +23,11 @@ from datetime import datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-from tuneforge.storage import FileStorage, Storage, check_key, file_key
+from tuneforge.storage import TMP_DIR, FileStorage, Storage, check_key, file_key
 
 log = logging.getLogger("tuneforge.storage_sweep")
 
 DEFAULT_STALE_AGE = timedelta(days=1)
-TMP_DIR = ".tmp"  # FileStorage's folder of writes in flight, under its root
 
 
 @dataclass
