@@ -68,6 +68,18 @@ class ModelDims:
     def head_dim(self) -> int:
         return self.hidden // self.heads
 
+    def llama_config_kwargs(self) -> dict[str, int | bool]:
+        """These dimensions as ``transformers.LlamaConfig`` arguments."""
+        return {
+            "vocab_size": self.vocab,
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "tie_word_embeddings": self.tied,
+        }
+
 
 MODELS = {
     "1b": ModelDims("Llama-3.2-1B", 2048, 8192, 16, 32, 8, 128256, tied=True),
@@ -156,17 +168,7 @@ def build_model(m: ModelDims, out_dir: Path, seed: int = 0) -> None:
 
     from tuneforge_trainer.tiny_model import build_tokenizer
 
-    config = LlamaConfig(
-        vocab_size=m.vocab,
-        hidden_size=m.hidden,
-        intermediate_size=m.intermediate,
-        num_hidden_layers=m.layers,
-        num_attention_heads=m.heads,
-        num_key_value_heads=m.kv_heads,
-        tie_word_embeddings=m.tied,
-        max_position_embeddings=MAX_LEN,
-        pad_token_id=0,
-    )
+    config = LlamaConfig(**m.llama_config_kwargs(), max_position_embeddings=MAX_LEN, pad_token_id=0)
     torch.manual_seed(seed)
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)

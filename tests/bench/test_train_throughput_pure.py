@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "train_throughput.py"
+from tests.bench.loader import load_bench
 
-
-def load_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("train_throughput", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = load_bench()
+bench = load_bench("train_throughput.py", "train_throughput")
 
 
 @pytest.mark.parametrize(("key", "billions"), [("1b", 1.236), ("8b", 8.030)])
@@ -31,15 +17,7 @@ def test_parameter_counts_match_a_real_llama(key: str, billions: float) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     dims = bench.MODELS[key]
-    config = LlamaConfig(
-        vocab_size=dims.vocab,
-        hidden_size=dims.hidden,
-        intermediate_size=dims.intermediate,
-        num_hidden_layers=dims.layers,
-        num_attention_heads=dims.heads,
-        num_key_value_heads=dims.kv_heads,
-        tie_word_embeddings=dims.tied,
-    )
+    config = LlamaConfig(**dims.llama_config_kwargs())
     with torch.device("meta"):  # shapes only, no memory
         model = LlamaForCausalLM(config)
     assert bench.total_params(dims) == sum(p.numel() for p in model.parameters())
@@ -135,15 +113,7 @@ def bench_shape(key: str) -> object:
     from tuneforge_trainer.acceleration import ModelShape
 
     dims = bench.MODELS[key]
-    config = LlamaConfig(  # what build_model saves as config.json
-        vocab_size=dims.vocab,
-        hidden_size=dims.hidden,
-        intermediate_size=dims.intermediate,
-        num_hidden_layers=dims.layers,
-        num_attention_heads=dims.heads,
-        num_key_value_heads=dims.kv_heads,
-        tie_word_embeddings=dims.tied,
-    )
+    config = LlamaConfig(**dims.llama_config_kwargs())  # as build_model saves it in config.json
     shape = ModelShape.from_config(config.to_dict())
     assert shape is not None and shape.total_params == bench.total_params(dims)
     return shape

@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.bench.loader import load_bench
 from tuneforge_api.validation import Limits, validate_jsonl
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_upload", ROOT / "bench" / "upload.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_upload"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_bench("upload.py", "bench_upload")
 
 STATUS = """Name:\tpython
 Umask:\t0022

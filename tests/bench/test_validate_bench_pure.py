@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
-import sys
 from pathlib import Path
 
+from tests.bench.loader import load_bench
 from tuneforge_api.validation import Limits, validate_jsonl
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_validate", ROOT / "bench" / "validate.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_validate"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_bench("validate.py", "bench_validate")
 
 
 def test_generator_plants_every_error_where_it_says(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tests.trainer.test_train_sft import in_process_spec
 from tuneforge.types import Hyperparameters, JobSpec
 from tuneforge_trainer import acceleration as accel
 from tuneforge_trainer import config_mapping as cm
@@ -296,19 +297,8 @@ class Collect:
 
 
 def tiny_spec(tmp_path: Path, **overrides: Any) -> JobSpec:
-    fields = {
-        "job_id": "ftjob-accel",
-        "project_id": "p",
-        "attempt": 1,
-        "base_model": "tuneforge/tiny-llama",
-        "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 2}}},
-        "lora": {"r": 4, "alpha": 8},
-        "training_file_key": "k",
-        "storage_uri": tmp_path.as_uri(),
-        "api_base_url": "http://127.0.0.1:9",
-        **overrides,
-    }
-    return JobSpec.model_validate(fields)
+    method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 2}}}
+    return in_process_spec(tmp_path, job_id="ftjob-accel", method=method, **overrides)
 
 
 def test_cpu_sft_trainer_uses_the_cpu_plan_and_announces_it(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -172,6 +172,10 @@ class _Block:
             self._lines = fast.split_lines(self.data())
         return self._lines
 
+    def excerpt(self, i: int) -> str:
+        """Line ``i``'s excerpt, as a format's first lines show it."""
+        return excerpt(self.lines()[i].strip()[:400])
+
 
 @dataclass
 class Validator:
@@ -276,10 +280,7 @@ class Validator:
             if count and self.kinds.wants(kind):
                 hits = [i for i, k in enumerate(kinds, start) if k == kind][: self.kinds.keep]
                 shown = max(0, MAX_PROBLEMS - len(self.kinds.first_lines.get(kind, ())))
-                firsts = [
-                    (first + i, excerpt(block.lines()[i].strip()[:400]) if j < shown else "")
-                    for j, i in enumerate(hits)
-                ]
+                firsts = [(first + i, block.excerpt(i) if j < shown else "") for j, i in enumerate(hits)]
             self.kinds.add_many(kind, firsts, count)
         if self.sample is not None:
             for i, texts in facts.texts.items():
@@ -303,10 +304,13 @@ class Validator:
                 self.profile.add(size, facts.trained[i], size)
             else:
                 self.profile.add(size)
-            shown = len(self.kinds.first_lines.get(kind, ())) < MAX_PROBLEMS
-            self.kinds.add(kind, line_no, excerpt(block.lines()[i].strip()[:400]) if shown else "")
+            self.kinds.add(kind, line_no, block.excerpt(i) if self._shows_excerpt(kind) else "")
             if self.sample is not None and i in facts.texts:
                 self.sample.add(*facts.texts[i], size)
+
+    def _shows_excerpt(self, kind: str) -> bool:
+        """Only the first lines of a kind can become problems that show an excerpt."""
+        return len(self.kinds.first_lines.get(kind, ())) < MAX_PROBLEMS
 
     def _remember(self, keys: set[int], in_order: list[int]) -> None:
         """Remember a run's keys; near the cap, the first lines' ones, as line by line would."""
@@ -343,8 +347,7 @@ class Validator:
             return
         if len(self.seen) < self.limits.dedupe_cap:
             self.seen.add(key)
-        shown = len(self.kinds.first_lines.get(kind, ())) < MAX_PROBLEMS
-        self.kinds.add(kind, line_no, excerpt(stripped[:400]) if shown else "")
+        self.kinds.add(kind, line_no, excerpt(stripped[:400]) if self._shows_excerpt(kind) else "")
         size = len(stripped)
         if key % self.trained_stride == 0:
             self.profile.add(size, measure.sizes()[1], size)
