@@ -126,11 +126,6 @@ def value_loss(
     return loss, stats
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    logp = torch.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(dim=-1)
-
-
 def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[token] as logit[token] − logsumexp(logits): no [.., vocab] log-softmax
     tensor is made, and autograd keeps only ``logits`` for the backward pass."""
