@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.tuneforge-installed
 PACKAGES := sdk/pyproject.toml api/pyproject.toml scheduler/pyproject.toml trainer_image/pyproject.toml
+# The API's C line scanner is built by the install: a change to it reinstalls.
+NATIVE := api/setup.py $(wildcard api/tuneforge_api/validation/native/*)
 # Compiled DeepSpeed/torch extensions are cached here, once per machine.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
@@ -13,7 +15,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
 install: $(STAMP)
 
-$(STAMP): $(PACKAGES) constraints.txt requirements-dev.txt
+$(STAMP): $(PACKAGES) $(NATIVE) constraints.txt requirements-dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	@# torch is pinned in the same command: unpinned, trl/peft would pull a multi-GB CUDA build.

@@ -2,8 +2,9 @@
 published peer validators, on the same file.
 
 1. Tuneforge's validator: ``tuneforge_api.validation.validate_jsonl``, the code the API runs on an
-   upload (fast path for plain chat blocks, on worker processes for a file this size; the rules for
-   everything else), and the same with the fast path kept in one process.
+   upload (the C line scanner, msgspec for the lines it is unsure of, the rules for the lines
+   neither proves valid), as the API runs it, in one process, without the C scanner, and on a
+   worker pool.
 2. The format checks of the OpenAI cookbook notebook "Data preparation and analysis for chat model
    fine-tuning" (examples/Chat_finetuning_data_prep.ipynb in openai/openai-cookbook), re-implemented
    below as published.
@@ -332,15 +333,28 @@ def run_together(python: str, path: Path) -> dict:
 # -- Tuneforge -----------------------------------------------------------------------------------
 
 
-def run_tuneforge(path: Path, workers: int | None = None):
-    """As the API calls it (routes/files.py, validation/service.py): a file this size runs the fast
-    path on one worker process per CPU (``workers=None``), which read the file themselves;
-    ``workers=0`` keeps it in this process."""
-    from tuneforge_api.validation import Limits, validate_jsonl
+def run_tuneforge(path: Path, workers: int | None = None, native: bool = True, keep_all: bool = False):
+    """As the API calls it (routes/files.py, validation/service.py) with ``workers=None``: in this
+    process where the C line scanner is built, else on one worker process per CPU, which read the
+    file themselves. ``workers`` names a pool size (0: none); ``native=False`` turns the C scanner
+    off (in this process: keep workers=0 with it, worker processes would still use it).
+    ``keep_all`` lists every problem's line (``Report.problem_lines``), as the API does not: the
+    superset check needs them, so one untimed run keeps them."""
+    from tuneforge_api.validation import Limits, fast, validate_jsonl
 
-    limits = Limits(keep_all_problem_lines=True, workers=workers)
-    with open(path, "rb") as fh:
-        return validate_jsonl(fh, limits=limits, size_hint=path.stat().st_size)
+    limits = Limits(keep_all_problem_lines=keep_all, workers=workers)
+    was, fast.NATIVE = fast.NATIVE, native and fast.NATIVE
+    try:
+        with open(path, "rb") as fh:
+            return validate_jsonl(fh, limits=limits, size_hint=path.stat().st_size)
+    finally:
+        fast.NATIVE = was
+
+
+def c_scanner() -> bool:
+    from tuneforge_api.validation import fast
+
+    return fast.NATIVE
 
 
 def available_cpus() -> int:
@@ -420,13 +434,16 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     workers = tuneforge_workers()
     seconds, report = best_of(args.repeat, lambda: run_tuneforge(path))
-    ours = set(report.problem_lines)
+    every_line = run_tuneforge(path, keep_all=True)  # untimed: the API does not keep them all
+    assert every_line.to_json() == report.to_json(), "keeping every problem line changed the report"
+    ours = set(every_line.problem_lines)
     codes = Counter(p.code for p in report.problems) if report.n_problems <= 100 else report.codes
     expected = {line: PLANTED.get(k) or TAIL[k] for line, k in gen.planted.items()}
     wrong = {line for line, code in expected.items() if line not in ours}
     rows.append(
         Row(
-            f"Tuneforge (auto: {workers} worker processes)",
+            f"Tuneforge (default: {'C scanner' if c_scanner() else 'no C scanner'}, "
+            f"{workers or 'no'} worker processes)",
             seconds,
             gen.n_lines,
             _fmt(codes),
@@ -438,6 +455,11 @@ def main(argv: list[str] | None = None) -> int:
     seconds, single = best_of(args.repeat, lambda: run_tuneforge(path, workers=0))
     assert single.to_json() == report.to_json(), "the single-process report differs"
     rows.append(Row("Tuneforge, 1 process", seconds, gen.n_lines, "same report", "same report"))
+    if c_scanner():
+        seconds, decoded = best_of(args.repeat, lambda: run_tuneforge(path, workers=0, native=False))
+        assert decoded.to_json() == report.to_json(), "the report without the C scanner differs"
+        name = "Tuneforge, 1 process, without the C scanner (msgspec decodes every line)"
+        rows.append(Row(name, seconds, gen.n_lines, "same report", "same report"))
     cpus = available_cpus()
     seconds, pooled = best_of(args.repeat, lambda: run_tuneforge(path, workers=cpus))
     assert pooled.to_json() == report.to_json(), "the worker-pool report differs"
@@ -461,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         check = superset(ours, {stop} if stop else set(), path)
         rows.append(Row(f"together check_file ({why})", result["_seconds"], covered, found, check))
 
-    peers = [r.rate for r in rows[3:]]
+    peers = [r.rate for r in rows if not r.name.startswith("Tuneforge")]
     ratio = rows[0].rate / max(peers) if peers else float("nan")
     head = "| validator | lines/s | seconds | findings | superset of the peer's findings |"
     lines = [head, "|---|---:|---:|---|---|"]

@@ -184,12 +184,23 @@ def test_a_killed_worker_does_not_change_the_report() -> None:
 
 
 def test_auto_workers_follow_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the C scanner, msgspec decodes every line, and a worker per CPU pays."""
+    monkeypatch.setattr(par.fast, "NATIVE", False)
     monkeypatch.setattr(par, "available_cpus", lambda: 16)
     assert par.auto_workers() == par.MAX_WORKERS
     monkeypatch.setattr(par, "available_cpus", lambda: 2)
     assert par.auto_workers() == 2
     monkeypatch.setattr(par, "available_cpus", lambda: 1)
     assert par.auto_workers() == 0  # one CPU validates in the calling process
+
+
+def test_auto_workers_none_with_the_c_scanner(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the C scanner the calling process's books cost what a worker's scan does, so the
+    pool would only add processes; an explicit ``Limits.workers`` still gets one."""
+    monkeypatch.setattr(par.fast, "NATIVE", True)
+    for cpus in (1, 2, 16):
+        monkeypatch.setattr(par, "available_cpus", lambda cpus=cpus: cpus)
+        assert par.auto_workers() == 0
 
 
 def test_concurrent_validations_survive_a_killed_worker() -> None:

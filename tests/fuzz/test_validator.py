@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tuneforge_api.validation import MAX_PROBLEMS, Limits, Report, validate_jsonl
+from tuneforge_api.validation import fast as fast_path
 
 WATCHDOG_S = 60
 # 150 examples per property in CI; `make fuzz` raises TUNEFORGE_FUZZ_EXAMPLES (x15 here).
@@ -30,6 +31,13 @@ FUZZ = settings(
     database=None,
     deadline=None,
     suppress_health_check=list(HealthCheck),
+)
+# The "paths agree" properties run once with the C line scanner and once without it (msgspec
+# alone), on the same examples, half as many each: the same time in CI as one run.
+FUZZ_EACH = settings(FUZZ, max_examples=max(1, FUZZ.max_examples // 2))
+NO_SCANNER = pytest.mark.skipif(not fast_path.NATIVE, reason="the C scanner is not built")
+BOTH_SCANNERS = pytest.mark.parametrize(
+    "native", [pytest.param(True, id="c-scanner", marks=NO_SCANNER), pytest.param(False, id="msgspec-only")]
 )
 
 
@@ -132,9 +140,13 @@ def _check(report: Report, data: bytes) -> None:
     assert all(len(p.excerpt) <= 200 for p in report.problems)
 
 
-@FUZZ
+@BOTH_SCANNERS
+@FUZZ_EACH
 @given(data=FILES, limits=LIMITS)
-def test_structured_files_never_raise_and_paths_agree(data: bytes, limits: Limits) -> None:
+def test_structured_files_never_raise_and_paths_agree(
+    data: bytes, limits: Limits, native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fast_path, "NATIVE", native)  # what fast.classify reads
     fast = _validate(data, limits, fast=True)
     _check(fast, data)
     reference = _validate(data, limits, fast=False)
@@ -177,9 +189,13 @@ def rewrapped_chat_files(draw: st.DrawFn) -> bytes:
     return bytes(data)
 
 
-@FUZZ
+@BOTH_SCANNERS
+@FUZZ_EACH
 @given(data=rewrapped_chat_files(), limits=LIMITS)
-def test_rewrapped_chat_lines_paths_agree(data: bytes, limits: Limits) -> None:
+def test_rewrapped_chat_lines_paths_agree(
+    data: bytes, limits: Limits, native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fast_path, "NATIVE", native)
     fast = _validate(data, limits, fast=True)
     reference = _validate(data, limits, fast=False)
     assert [(p.line, p.code) for p in fast.problems] == [(p.line, p.code) for p in reference.problems]

@@ -126,3 +126,14 @@ def test_control_plane_commands_exist() -> None:
 def test_dockerignore_keeps_the_context_small() -> None:
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {"**/.venv", ".git", "tests"} <= set(ignored)
+
+
+def test_control_plane_image_builds_the_c_line_scanner() -> None:
+    """The scanner is optional at install (setup.py), so the image checks its import: otherwise
+    a missing compiler would pass silently and validation would be ~5x slower."""
+    runs = " ".join(args_of(CONTROL_PLANE, "RUN"))
+    install = runs.index("pip install")
+    assert runs.index("apt-get install") < install and "gcc" in runs
+    assert runs.index("import tuneforge_api.validation._linescan") > install
+    assert runs.index("apt-get purge") > runs.index("import tuneforge_api.validation._linescan")
+    assert "tuneforge_api/validation/native/linescan.c" in (ROOT / "api" / "setup.py").read_text()

@@ -13,10 +13,16 @@ every line takes the rules path.
 ``classify`` does all of a block's per-line work (split, keys, sizes, decoding, kinds, the
 sampled measurements), so that on worker processes the calling process only keeps the books.
 Samples are chosen by line key, not line number, so a worker needs no line numbers.
+
+Where the C scanner is built (``native/linescan.c``, ``NATIVE``), it goes first: it proves
+common chat lines valid without a Python object per line, and msgspec decodes only the lines it
+is unsure of (other formats, content parts, anything doubtful) and the sampled ones. Without it,
+msgspec decodes every line.
 """
 
 from __future__ import annotations
 
+import logging
 from bisect import bisect_left
 from itertools import accumulate, chain, compress
 from operator import attrgetter, itemgetter
@@ -30,6 +36,13 @@ try:
     import msgspec
 except ImportError:  # optional: the rules alone are correct, only slower
     msgspec = None
+
+try:
+    from tuneforge_api.validation import _linescan
+except ImportError:  # not built (no C compiler at install): msgspec decodes every line
+    _linescan = None
+
+log = logging.getLogger(__name__)
 
 _content = attrgetter("content")
 _weight = attrgetter("weight")
@@ -95,6 +108,7 @@ if msgspec is not None:
 
 
 AVAILABLE = msgspec is not None
+NATIVE = AVAILABLE and _linescan is not None
 
 
 def decode_lines(block: bytes, stripped: list[bytes]) -> list:
@@ -116,13 +130,7 @@ def decode_lines(block: bytes, stripped: list[bytes]) -> list:
                 return examples
         except _ERRORS:
             pass
-    out = []
-    for line in stripped:
-        try:
-            out.append(_DECODER.decode(line))
-        except _ERRORS:
-            out.append(None)
-    return out
+    return list(map(_decode_or_none, stripped))
 
 
 def _is_object_shaped(line: bytes) -> bool:
@@ -287,8 +295,55 @@ def split_lines(block: bytes) -> list[bytes]:
     return lines
 
 
-def classify(block: bytes, trained_stride: int, sample_stride: int) -> BlockFacts:
-    """The fast path over one block of whole lines."""
+def classify(block: bytes, trained_stride: int, sample_stride: int, native: bool | None = None) -> BlockFacts:
+    """The fast path over one block of whole lines: the C scanner's, where it is built (or as
+    ``native`` says: tests run both)."""
+    if native is None:
+        native = NATIVE
+    if native:
+        return classify_scanned(block, trained_stride, sample_stride)
+    return classify_decoded(block, trained_stride, sample_stride)
+
+
+def classify_scanned(block: bytes, trained_stride: int, sample_stride: int) -> BlockFacts:
+    """``classify`` with the C scanner first; msgspec decodes only the lines it is unsure of,
+    and the valid lines that a stride samples (their texts are measured)."""
+    assert _linescan is not None and msgspec is not None
+    scan = _linescan.scan(block, CHAT, CHAT_OR_PROMPT, trained_stride, sample_stride)
+    kinds, keys, sizes, longest, unsure, chosen = scan
+    stripped = [line.strip() for line in chosen.values()]
+    examples = dict(zip(chosen, decode_lines(b"\n".join(stripped), stripped), strict=True))
+    for i, example in list(examples.items()):
+        if kind_of(example) != kinds[i]:  # never seen (tests compare the paths); if ever, as unsure
+            log.warning("the C line scanner and msgspec disagree on a line; the rules decide it")
+            del examples[i]
+            unsure[i] = chosen[i]
+    odd = {}
+    for i in sorted(unsure):
+        line = unsure[i]
+        example = _decode_or_none(line.strip())
+        kinds[i] = kind = kind_of(example)
+        if kind is None:
+            odd[i] = line
+        elif keys[i] % trained_stride == 0 or (sample_stride and keys[i] % sample_stride == 0):
+            examples[i] = example
+    in_order = sorted(examples)  # the token sample thins by position: keep line order
+    trained = {i: trained_size(examples[i]) for i in in_order if keys[i] % trained_stride == 0}
+    texts = {}
+    if sample_stride:
+        texts = {i: texts_of(examples[i]) for i in in_order if keys[i] % sample_stride == 0}
+    return BlockFacts(len(kinds), kinds, keys, sizes, longest, odd, trained, texts)
+
+
+def _decode_or_none(line: bytes) -> Any:
+    try:
+        return _DECODER.decode(line)
+    except _ERRORS:
+        return None
+
+
+def classify_decoded(block: bytes, trained_stride: int, sample_stride: int) -> BlockFacts:
+    """``classify`` with msgspec decoding every line."""
     lines = split_lines(block)
     stripped = list(map(bytes.strip, lines))
     keys = list(map(line_key, stripped))

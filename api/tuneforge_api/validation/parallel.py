@@ -40,11 +40,13 @@ def available_cpus() -> int:
 
 
 def auto_workers() -> int:
-    """One worker per CPU (at most 8); none on a single CPU. The workers do all the per-line work
-    and the calling process only keeps the books, so the pool wins even on a busy host: on 2
-    busy CPUs (load 3.4) it took 0.47-0.76 s where one process took 0.92-1.0 s (bench/RESULTS.md)."""
+    """0 (no pool) where the C scanner is built: then a worker's scan costs about what the calling
+    process spends anyway to receive and book its results, so the pool only adds processes (on 2
+    CPUs, 1 GB of chat: in-process and 2 workers within run-to-run noise; bench/RESULTS.md).
+    Without it, msgspec decodes every line and the pool pays: one worker per CPU (at most 8),
+    none on a single CPU. ``Limits.workers`` still asks for a pool either way."""
     cpus = available_cpus()
-    return min(MAX_WORKERS, cpus) if cpus >= 2 else 0
+    return min(MAX_WORKERS, cpus) if cpus >= 2 and not fast.NATIVE else 0
 
 
 def _get_pool(workers: int) -> ProcessPoolExecutor:

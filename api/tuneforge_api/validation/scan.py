@@ -1,9 +1,9 @@
 """One pass over a JSONL file, in blocks of whole lines, with bounded memory:
 
 - a line longer than ``max_line_bytes`` is never held whole: it is reported and skipped;
-- blocks are ~1 MiB; a block of plain chat lines goes through ``fast``, anything else through
-  ``rules`` line by line; on a large file ``fast`` runs on worker processes (``parallel``), and
-  only its per-line facts come back, so everything below happens here, in line order;
+- blocks are ~1 MiB; a block goes through ``fast`` (the C scanner, then msgspec), and the lines
+  it cannot prove valid through ``rules``; ``fast`` can run on worker processes (``parallel``),
+  and then only its per-line facts come back, so everything below happens here, in line order;
 - duplicates are found with a set of 8-byte line hashes, capped at ``dedupe_cap`` examples
   (~80 MB for the default 1,000,000): beyond the cap a repeat of a remembered example is still
   found, but new examples are no longer remembered;
@@ -44,7 +44,7 @@ class Limits:
     block_bytes: int = BLOCK_BYTES
     keep_all_problem_lines: bool = False  # every problem's line in Report.problem_lines (unbounded)
     # Worker processes for the fast path (``parallel``) on files of at least parallel_min_bytes;
-    # None: one per CPU (at most 8; none on a single CPU); 0 or 1: none.
+    # None: ``parallel.auto_workers()`` (none where the C scanner is built); 0 or 1: none.
     workers: int | None = None
     parallel_min_bytes: int = PARALLEL_MIN_BYTES
 
@@ -393,7 +393,7 @@ def validate_jsonl(
 
     With ``size_hint`` (the file's size), a file over ``TRAINED_SAMPLE_BYTES`` has its trained
     (answer) sizes measured on a sample of lines (chosen by line key), and the total scaled from it; and a
-    file of at least ``limits.parallel_min_bytes`` runs the fast path on worker processes.
+    file of at least ``limits.parallel_min_bytes`` may run the fast path on worker processes.
     """
     limits = limits or Limits()
     stride = max(1, (size_hint or 0) // TRAINED_SAMPLE_BYTES)

@@ -50,8 +50,9 @@ class ValidationSettings(BaseSettings):
         None,
         ge=0,
         le=64,
-        description="Worker processes for files of 32 MiB or more; unset: one per CPU (at most 8, "
-        "none on a single CPU); 0: validate in the API process only.",
+        description="Worker processes for files of 32 MiB or more; unset: none where the C line "
+        "scanner is built, else one per CPU (at most 8, none on a single CPU); 0: validate in the "
+        "API process only.",
     )
 
     def limits(self) -> Limits:
