@@ -17,7 +17,7 @@ from tuneforge_api.request_id import RequestId
 from tuneforge_api.routes import admin, files, health, internal, jobs, models, validate, webhooks
 from tuneforge_api.routes import feedback as feedback_routes
 from tuneforge_api.services import Services
-from tuneforge_api.settings import Settings
+from tuneforge_api.settings import Settings, load_settings
 from tuneforge_api.ui import install as install_ui
 
 # Libraries that log SQL parameters (webhook secrets) or signed S3 requests at DEBUG: held at
@@ -36,7 +36,7 @@ def create_app(
 ) -> FastAPI:
     """``services`` lets `tuneforge up` share one engine between the API and the scheduler;
     the app then leaves closing them to its owner."""
-    settings = settings or Settings()
+    settings = settings or load_settings(Settings)
     quiet_secret_loggers()
     owned = services is None
     services = services or Services.build(settings)

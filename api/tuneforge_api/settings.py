@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PLACEHOLDER_SECRETS = {"changeme", "secret", "password", "tuneforge", ""}
@@ -96,3 +96,25 @@ class Settings(BaseSettings):
     @property
     def resolved_storage_uri(self) -> str:
         return self.storage_uri or (self.home / "storage").resolve().as_uri()
+
+
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+def load_settings(cls: type[SettingsT], **overrides: Any) -> SettingsT:
+    """``cls(**overrides)`` for a process that starts: bad settings exit with one line per
+    problem, each naming its variable. pydantic's own error would print the inputs, and with
+    them any secret among the settings (a key, a database URL's password)."""
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        raise SystemExit(describe_settings_error(exc, cls.model_config.get("env_prefix") or "")) from None
+
+
+def describe_settings_error(exc: ValidationError, prefix: str) -> str:
+    lines = []
+    for error in exc.errors(include_url=False, include_input=False, include_context=False):
+        message = error["msg"].removeprefix("Value error, ")
+        where = "__".join(str(part) for part in error["loc"]).upper()
+        lines.append(f"  {prefix}{where}: {message}" if where else f"  {message}")
+    return "Tuneforge cannot start, its settings are invalid:\n" + "\n".join(lines)

@@ -16,6 +16,7 @@ import uvicorn
 from tuneforge_api.app import create_app
 from tuneforge_api.bootstrap import ensure_default_project
 from tuneforge_api.db.engine import migrate
+from tuneforge_api.settings import load_settings
 from tuneforge_scheduler.embedded_redis import EmbeddedRedis, redis_answers
 from tuneforge_scheduler.settings import SchedulerSettings
 from tuneforge_scheduler.worker import build_scheduler, build_worker
@@ -93,7 +94,7 @@ def up(host: str = "127.0.0.1", port: int = 8000) -> int:
     overrides = {}
     if "TUNEFORGE_PUBLIC_URL" not in os.environ:
         overrides["public_url"] = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-    settings = SchedulerSettings(**overrides)
+    settings = load_settings(SchedulerSettings, **overrides)
     # Datasets and adapters live here: readable by this user only.
     settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
     settings.home.chmod(0o700)
