@@ -12,6 +12,7 @@ Nothing is downloaded: the base model and its tokenizer are built locally.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import signal
@@ -113,6 +114,10 @@ def answer(model, tokenizer, question: str) -> str:
 
 def compare(adapter_dir: Path) -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
+    # peft imports bitsandbytes, which on CPUs with AVX512-BF16 tries the hub's `kernels`
+    # package (not installed: nothing is downloaded) and warns that it is missing; the tiny
+    # model runs in fp32 and never needs it.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
