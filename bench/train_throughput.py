@@ -45,6 +45,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tuneforge_trainer.acceleration import ModelShape
+
 RESULTS = Path(__file__).with_name("RESULTS.md")
 MIN_LEN, MAX_LEN = 128, 2048
 LORA_R = 16
@@ -54,19 +56,10 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 PCIe": 756e12, "H10
 
 
 @dataclass(frozen=True)
-class ModelDims:
-    name: str
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    vocab: int
-    tied: bool
+class ModelDims(ModelShape):
+    """A benchmark model: the trainer's ``ModelShape`` (its parameter counts) with a name."""
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
+    name: str = ""
 
     def llama_config_kwargs(self) -> dict[str, int | bool]:
         """These dimensions as ``transformers.LlamaConfig`` arguments."""
@@ -82,22 +75,14 @@ class ModelDims:
 
 
 MODELS = {
-    "1b": ModelDims("Llama-3.2-1B", 2048, 8192, 16, 32, 8, 128256, tied=True),
-    "8b": ModelDims("Llama-3-8B", 4096, 14336, 32, 32, 8, 128256, tied=False),
+    "1b": ModelDims(2048, 8192, 16, 32, 8, 128256, tied=True, name="Llama-3.2-1B"),
+    "8b": ModelDims(4096, 14336, 32, 32, 8, 128256, tied=False, name="Llama-3-8B"),
 }
 
 
 def matmul_params(m: ModelDims) -> int:
     """N: parameters that multiply activations (attention, MLP, LM head); not the embedding lookup."""
-    kv = m.kv_heads * m.head_dim
-    attention = 2 * m.hidden * m.hidden + 2 * m.hidden * kv  # q, o; k, v
-    mlp = 3 * m.hidden * m.intermediate  # gate, up, down
-    return m.layers * (attention + mlp) + m.hidden * m.vocab  # a tied LM head still multiplies
-
-
-def total_params(m: ModelDims) -> int:
-    norms = (2 * m.layers + 1) * m.hidden
-    return matmul_params(m) + (0 if m.tied else m.hidden * m.vocab) + norms
+    return m.layer_linear_params + m.hidden * m.vocab  # a tied LM head still multiplies
 
 
 def step_flops(m: ModelDims, lengths: list[int], *, lora: bool = True) -> float:

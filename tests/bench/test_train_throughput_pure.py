@@ -20,8 +20,8 @@ def test_parameter_counts_match_a_real_llama(key: str, billions: float) -> None:
     config = LlamaConfig(**dims.llama_config_kwargs())
     with torch.device("meta"):  # shapes only, no memory
         model = LlamaForCausalLM(config)
-    assert bench.total_params(dims) == sum(p.numel() for p in model.parameters())
-    assert bench.total_params(dims) / 1e9 == pytest.approx(billions, abs=0.001)
+    assert dims.total_params == sum(p.numel() for p in model.parameters())
+    assert dims.total_params / 1e9 == pytest.approx(billions, abs=0.001)
     # N counts the LM head's matmul even when its weight is the (tied) embedding.
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert bench.matmul_params(dims) == linear
@@ -115,7 +115,7 @@ def bench_shape(key: str) -> object:
     dims = bench.MODELS[key]
     config = LlamaConfig(**dims.llama_config_kwargs())  # as build_model saves it in config.json
     shape = ModelShape.from_config(config.to_dict())
-    assert shape is not None and shape.total_params == bench.total_params(dims)
+    assert shape is not None and shape.total_params == dims.total_params
     return shape
 
 
