@@ -479,20 +479,8 @@ static PyObject *scan(PyObject *self, PyObject *args) {
     return result;
 }
 
-PyDoc_STRVAR(line_key_doc, "line_key(data) -> int: the xxh3 64-bit hash of ``data`` (seed 0).");
-
-static PyObject *line_key(PyObject *self, PyObject *arg) {
-    Py_buffer data;
-    (void)self;
-    if (PyObject_GetBuffer(arg, &data, PyBUF_SIMPLE) < 0) return NULL;
-    uint64_t key = XXH3_64bits(data.buf, (size_t)data.len);
-    PyBuffer_Release(&data);
-    return PyLong_FromUnsignedLongLong(key);
-}
-
 static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS, scan_doc},
-    {"line_key", line_key, METH_O, line_key_doc},
     {NULL, NULL, 0, NULL},
 };
 
